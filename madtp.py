@@ -1,0 +1,320 @@
+"""MADTP: Multi-modality Alignment Guidance (MAG) and Dynamic Token Pruning (DTP).
+
+Cao et al., "MADTP: Multimodal Alignment-Guided Dynamic Token Pruning for Accelerating
+Vision-Language Transformer", CVPR 2024, arXiv 2403.02991: section 3.2 (MAG) and section 3.3
+(DTP). Official code: github.com/double125/MADTP (built on UPop/BLIP). This file follows
+../shared/SPEC.md sections 2, 3 and 5; where SPEC departs from the official code the comment says so.
+
+The method in one breath: a learnable matrix T of M "alignment tokens" is shared by the vision and
+text encoders. In every pruned layer each modality's tokens attend to the concepts in T (logits a,
+concept attention P), giving concept features F that an alignment loss L_align pulls together across
+modalities. Each token gets an importance S = mean(S_cls, S_self, S_mag), every sample gets its own
+threshold θ from the concepts, tokens with S <= β·θ are fused into one package token x_fuse, and
+the rest go on. β is one global scalar that sets the compute budget.
+
+Shapes: B batch, N tokens of a sequence (0 is CLS), n = N - 1 prunable tokens, D width, H heads,
+M alignment tokens. `valid` (B, N) or `v` (B, n) is False for padding.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+
+METHODS = ("madtp", "dtp-no-mag", "cls-static", "random")   # SPEC section 7 (dense = no MADTP at all)
+ENCODERS = ("vision", "text", "fusion")
+RANDOM_SEED = 1234   # fixes the random baseline's per-position scores (see random_scores)
+
+
+@dataclass
+class MADTPConfig:
+    method: str = "madtp"        # one of METHODS
+    num_align_tokens: int = 32   # M; official 100 at D = 768, fewer suit this small model
+    tau: float = 1.0             # τ, temperature of the threshold's softmax; fixed (official moves it)
+    alpha: float = 0.1           # α, weight of L_align (official, all tasks)
+    prune_vision: bool = True    # prune the vision encoder's patch tokens
+    prune_text: bool = True      # prune the text encoder's word tokens
+    prune_fusion: bool = True    # prune the text tokens of the fusion encoder
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# MAG: multi-modality alignment guidance (SPEC section 2)
+
+def q(X):
+    """The map of an encoder's tokens into the alignment space. Identity, as in the official BLIP
+    code: all encoders share the width D, and a learnt map per encoder could satisfy L_align by
+    collapsing instead of aligning the encoders' own tokens."""
+    return X
+
+
+def mag_logits(X, T, v):
+    """a = q(X) Tᵀ / √D: how strongly each prunable token matches each concept. (B, n, M)"""
+    a = q(X) @ T.t().to(X.dtype) / math.sqrt(X.shape[-1])                     # (B, n, M)
+    return a.float().masked_fill(~v[:, :, None], float("-inf"))
+
+
+def concept_attention(a):
+    """P = softmax over the tokens j of a: each concept's attention over the sequence. (B, n, M)"""
+    return a.softmax(dim=1)
+
+
+def concept_features(P, X):
+    """f_l = Pᵀ q(X): what each concept sees in this layer. (B, M, D); F sums it over layers."""
+    return P.to(X.dtype).transpose(1, 2) @ q(X)                                 # (B, M, n) @ (B, n, D)
+
+
+def alignment_loss(F_v, F_t):
+    """L_align = mean over (b, m) of 1 - cos(F_v[b, m], F_t[b, m]), on matching pairs only."""
+    return (1 - F_.cosine_similarity(F_v.float(), F_t.float(), dim=-1)).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# DTP: token importance scores, threshold and pruning (SPEC section 3)
+
+def normalise(s, v):
+    """Zero the padding and make each sample's scores sum to 1 over its valid prunable tokens."""
+    s = s * v
+    return s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def cls_score(A, v):
+    """S_cls[j]: attention from CLS to token j, mean over heads. A (B, H, N, N) -> (B, n).
+    (Official: heads weighted by the norm of their output; plain mean here.)"""
+    return normalise(A[:, :, 0, 1:].mean(dim=1), v)
+
+
+def self_score(A, v):
+    """S_self[j] = Σ_i max_h A[h, i, j] over valid prunable queries i: how much the other tokens
+    look at j. (B, n)"""
+    look = A[:, :, 1:, 1:].amax(dim=1)                                          # (B, n_query, n_key)
+    return normalise((look * v[:, :, None]).sum(dim=1), v)
+
+
+def mag_score(P, v):
+    """S_mag[j] = max_m P[j, m]: how strongly some concept attends to j. (B, n)
+    (Official: max_m of the raw logits a, which can be negative; the softmax form is well defined.)"""
+    return normalise(P.amax(dim=2), v)
+
+
+def threshold(a, S, tau):
+    """θ_b = min over m of Σ_j softmax_j(a[b, j, m] / τ) S[b, j]: each concept proposes the
+    importance of what it attends to, and the weakest proposal is the bar. It is a convex
+    combination of S, so min S <= θ <= max S. (B,)"""
+    proposals = S[:, None, :] @ (a / tau).softmax(dim=1)                         # (B, 1, n) @ (B, n, M)
+    return proposals[:, 0].amin(dim=1)
+
+
+def keep_mask(S, theta, beta, v):
+    """Keep token j iff S[b, j] > β θ_b. β = 0 keeps every valid token; larger β keeps fewer."""
+    return (S > beta * theta[:, None]) & v
+
+
+def top_k_mask(scores, v, k):
+    """Keep each sample's k[b] highest-scoring valid tokens. (B, n) bool"""
+    order = scores.masked_fill(~v, float("-inf")).argsort(dim=1, descending=True)   # (B, n)
+    rank = order.argsort(dim=1)                                                       # (B, n)
+    return (rank < k[:, None]) & v
+
+
+def static_keep_count(n, beta):
+    """cls-static keeps the fixed share ρ = 1 / (1 + β) of each sample's tokens, so that the
+    same knob β (0 keeps all, larger prunes more) drives every method. n (B,) -> (B,)"""
+    return torch.minimum(torch.ceil(n / (1 + beta)), n).long()
+
+
+def random_scores(encoder, layer, v):
+    """The random baseline's scores: a fixed pseudo-random number per (encoder, layer, position),
+    blind to content. Fixed rather than redrawn so that a sample's result never depends on its
+    batch or on when it runs. (B, n)"""
+    g = torch.Generator().manual_seed(RANDOM_SEED + 1000 * ENCODERS.index(encoder) + layer)
+    return torch.rand(v.shape[1], generator=g).to(v.device).expand(v.shape)
+
+
+def package_weights(S, fused):
+    """Fusion weights of the pruned tokens: S_j / Σ_{pruned} S. Each row sums to 1 where the
+    sample pruned anything, else 0. (B, n)"""
+    return normalise(S, fused)
+
+
+def prune_tokens(x, keep, S, valid):
+    """[CLS, kept tokens in original order, x_fuse], padded to the batch's largest keep count.
+
+    x (B, N, D), keep and S (B, n), valid (B, N). Returns x (B, N', D), valid (B, N') and
+    idx (B, K), the prunable index each kept slot came from. Each sample keeps its own count; the
+    padding slots are zeroed and masked, so no later layer sees them (SPEC section 3, batches).
+    """
+    B, N, D = x.shape
+    fused = valid[:, 1:] & ~keep                                                   # (B, n)
+    count = keep.sum(dim=1)                                                        # (B,)
+    K = int(count.max())
+    # kept tokens first, in their original order: sort by (pruned?, position)
+    position = torch.arange(N - 1, device=x.device)
+    idx = ((~keep) * N + position).argsort(dim=1)[:, :K]                           # (B, K)
+    kept = x[:, 1:].gather(1, idx[:, :, None].expand(B, K, D))                      # (B, K, D)
+    kept_valid = torch.arange(K, device=x.device)[None, :] < count[:, None]        # (B, K)
+    parts, masks = [x[:, :1], kept * kept_valid[:, :, None]], [valid[:, :1], kept_valid]
+    has_fuse = fused.any(dim=1)                                                    # (B,)
+    if has_fuse.any():  # nothing pruned anywhere: no package slot, the sequence stays as it was
+        w = package_weights(S, fused)                                              # (B, n)
+        x_fuse = w.to(x.dtype)[:, None, :] @ x[:, 1:]                               # (B, 1, n) @ (B, n, D)
+        parts.append(x_fuse.to(kept.dtype))
+        masks.append(has_fuse[:, None])
+    return torch.cat(parts, dim=1), torch.cat(masks, dim=1), idx
+
+
+# ---------------------------------------------------------------------------------------------
+# The module that holds T and β and plugs DTP into the VLT's hooks
+
+class Trace:
+    """What one forward pass did, per encoder: for each layer the per-sample token counts (CLS
+    included) before and after pruning and the MACs MADTP itself spent; optionally which original
+    tokens each layer kept; and MAG's concept features F summed over layers."""
+
+    def __init__(self, features: bool = False, positions: bool = False):
+        self.features, self.positions = features, positions
+        self.layers = {e: [] for e in ENCODERS}   # encoder -> [dict(n_in, n_out, extra[, kept])]
+        self.F = {}                                # encoder -> (B, M, D), summed over layers
+        self._pos = {}                             # encoder -> (B, N) original index per slot
+
+    def record(self, encoder, valid_in, valid_out, extra, idx=None):
+        """idx (B, K): the prunable slot each kept token came from (None: nothing was pruned)."""
+        rec = dict(n_in=valid_in.sum(dim=1), n_out=valid_out.sum(dim=1), extra=extra)
+        if self.positions:
+            rec["kept"] = self._pos[encoder] = self._positions(encoder, valid_in, valid_out, idx)
+        self.layers[encoder].append(rec)
+
+    def _positions(self, encoder, valid_in, valid_out, idx):
+        """(B, N') original token index of every slot after this layer; -1 marks a package token
+        or padding. The fusion encoder's text tokens continue the text encoder's numbering."""
+        B, N = valid_in.shape
+        if encoder not in self._pos:
+            start = self._pos.get("text") if encoder == "fusion" else None
+            self._pos[encoder] = start if start is not None else \
+                torch.arange(N, device=valid_in.device).expand(B, N).masked_fill(~valid_in, -1)
+        pos = self._pos[encoder]
+        if idx is None:
+            return pos
+        K = idx.shape[1]
+        kept = pos[:, 1:].gather(1, idx).masked_fill(~valid_out[:, 1:K + 1], -1)      # (B, K)
+        package = torch.full((B, valid_out.shape[1] - 1 - K), -1, device=pos.device)  # (B, 0 or 1)
+        return torch.cat([pos[:, :1], kept, package], dim=1)
+
+
+def count_only(trace, encoder):
+    """A hook that prunes nothing and only counts: for dense models and switched-off encoders."""
+    def hook(layer, x_in, x, valid, A):
+        trace.record(encoder, valid, valid, torch.zeros(len(x), device=x.device))
+        return x, valid
+    return hook
+
+
+class MADTP(nn.Module):
+    """T (the alignment tokens) and β (the budget); `hooks` gives the VLT a pruning hook per encoder."""
+
+    def __init__(self, cfg: MADTPConfig, dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.T = nn.Parameter(torch.randn(cfg.num_align_tokens, dim))   # N(0, 1), as official
+        self.register_buffer("beta", torch.tensor(0.0))                  # β, set by the controller
+
+    def prunes(self, encoder):
+        return {"vision": self.cfg.prune_vision, "text": self.cfg.prune_text,
+                "fusion": self.cfg.prune_fusion}[encoder]
+
+    def hook(self, encoder, trace: Trace):
+        def prune(layer, x_in, x, valid, A):
+            if not self.prunes(encoder):
+                return count_only(trace, encoder)(layer, x_in, x, valid, A)
+            return self.prune_layer(encoder, layer, x_in, x, valid, A, trace)
+        return prune
+
+    def prune_layer(self, encoder, layer, x_in, x, valid, A, trace):
+        cfg, B, D = self.cfg, x.shape[0], x.shape[-1]
+        M = cfg.num_align_tokens
+        X, v = x_in[:, 1:], valid[:, 1:]           # (B, n, D), (B, n): MAG reads the layer's input
+        n = v.sum(dim=1)                            # (B,) valid prunable tokens per sample
+        extra = torch.zeros(B, device=x.device)     # MACs MADTP spends on this sample, for GFLOPs
+        S_cls = cls_score(A, v)
+        if cfg.method == "cls-static":
+            S = S_cls
+            keep = top_k_mask(S, v, static_keep_count(n, self.beta))
+        else:
+            a = mag_logits(X, self.T, v)
+            P = concept_attention(a)
+            S_self = self_score(A, v)
+            if cfg.method == "dtp-no-mag":
+                S = (S_cls + S_self) / 2
+            else:
+                S = (S_cls + S_self + mag_score(P, v)) / 3
+            theta = threshold(a, S, cfg.tau)
+            keep = keep_mask(S, theta, self.beta, v)
+            extra += n * M * D + n * M              # logits a, and the proposals inside θ
+            if cfg.method == "random":              # MADTP's counts, random choice of tokens
+                S = normalise(random_scores(encoder, layer, v), v)
+                keep = top_k_mask(S, v, keep.sum(dim=1))
+            if trace.features and cfg.method == "madtp" and encoder != "fusion":
+                f = concept_features(P, X)          # fusion features stay out of L_align (SPEC 3)
+                trace.F[encoder] = trace.F[encoder] + f if encoder in trace.F else f
+                extra += n * M * D
+        fused = v & ~keep
+        extra += fused.any(dim=1) * n * D           # the weighted sum that makes x_fuse
+        x, valid_out, idx = prune_tokens(x, keep, S, valid)
+        trace.record(encoder, valid, valid_out, extra, idx)
+        return x, valid_out
+
+    def hooks(self, trace: Trace):
+        return {e: self.hook(e, trace) for e in ENCODERS}
+
+
+# ---------------------------------------------------------------------------------------------
+# GFLOPs per sample (SPEC section 5)
+#
+# Counted as multiply-accumulates and called "GFLOPs", fvcore's convention (DeiT, ToMe, UPop,
+# MADTP); torch.utils.flop_counter counts 2 per MAC, so it reads twice these numbers. Matrix
+# products only: LayerNorm, softmax, GELU, masking, sorting and gathers are not counted.
+
+def block_macs(cfg, n_in, n_out, m=None):
+    """One block: self-attention over n_in tokens, then the MLP (and cross-attention to m image
+    tokens) over the n_out tokens pruning left. Per sample, (B,) tensors in and out."""
+    D, R = cfg.dim, cfg.mlp_ratio
+    macs = 4 * n_in * D * D + 2 * n_in * n_in * D + 2 * R * n_out * D * D          # q, k, v, out; QKᵀ, AV; MLP
+    if m is not None:
+        macs = macs + 2 * n_out * D * D + 2 * m * D * D + 2 * n_out * m * D        # q, out; k, v; QKᵀ, AV
+    return macs
+
+
+def head_macs(cfg):
+    """What each encoder spends outside its blocks: patch embedding and the ITC / ITM heads."""
+    D = cfg.dim
+    return {"vision": cfg.num_patches * 3 * cfg.patch_size ** 2 * D + D * cfg.embed_dim,
+            "text": D * cfg.embed_dim,
+            "fusion": D * 2}
+
+
+def gflops(cfg, trace: Trace, image_tokens=None):
+    """Per-sample GFLOPs of each encoder that ran in a traced forward: {encoder: (B,) float64}.
+    image_tokens (B,): for each fused pair, how many tokens its image kept (cross-attention keys)."""
+    heads, out = head_macs(cfg), {}
+    for encoder, layers in trace.layers.items():
+        if layers:
+            m = image_tokens if encoder == "fusion" else None
+            macs = sum(block_macs(cfg, r["n_in"].double(), r["n_out"].double(), m) + r["extra"].double()
+                       for r in layers)
+            out[encoder] = (macs + heads[encoder]) / 1e9
+    return out
+
+
+def dense_gflops(cfg, text_tokens):
+    """Per-sample GFLOPs of the unpruned model for captions of text_tokens (B,) tokens (CLS included)."""
+    n_t = text_tokens.double()
+    n_v = torch.full_like(n_t, 1 + cfg.num_patches)
+    heads = head_macs(cfg)
+    return {"vision": (cfg.vision_layers * block_macs(cfg, n_v, n_v) + heads["vision"]) / 1e9,
+            "text": (cfg.text_layers * block_macs(cfg, n_t, n_t) + heads["text"]) / 1e9,
+            "fusion": (cfg.fusion_layers * block_macs(cfg, n_t, n_t, n_v) + heads["fusion"]) / 1e9}

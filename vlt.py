@@ -1,0 +1,256 @@
+"""A small vision-language transformer (VLT) for image-text retrieval, built from scratch.
+
+The model MADTP prunes (Cao et al., "MADTP: Multimodal Alignment-Guided Dynamic Token Pruning for
+Accelerating Vision-Language Transformer", CVPR 2024, arXiv 2403.02991, section 3.1; official code
+github.com/double125/MADTP, built on BLIP). It is ALBEF/BLIP-shaped, as ../shared/SPEC.md section 1
+describes: a vision encoder and a text encoder (dual encoder, for ITC retrieval) followed by a
+fusion encoder whose text tokens cross-attend to the image tokens (for ITM re-ranking).
+
+Every block calls an optional `prune` hook after its self-attention residual add, before
+cross-attention and the MLP: that is where the official code prunes, and where madtp.py plugs in.
+Attention is written out (no fused SDPA) because the pruner reads the softmax weights, and because
+torch.utils.flop_counter counts 0 for fused SDPA on some CPU builds; the dense model uses the same
+code so that dense and pruned timings compare like with like.
+
+Shapes: B batch, N tokens (index 0 is CLS), D width, H heads. `valid` (B, N) is False for padding.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_  # F is the paper's concept features (madtp.py); keep the name free
+
+# prune(layer, x_in, x, valid, A) -> (x, valid): x_in is the block's input, x the tokens after the
+# self-attention residual add, A (B, H, N, N) its attention weights. Returns the (shorter) sequence.
+PruneHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+
+
+@dataclass
+class VLTConfig:
+    image_size: int = 64      # synthetic scenes are 64x64; the coco preset raises it
+    patch_size: int = 8       # 8x8 patches: an 8x8 grid, 64 vision tokens plus CLS
+    vocab_size: int = 512     # overwritten by the tokenizer's vocabulary size
+    max_text_len: int = 32    # [CLS] + at most 31 words
+    dim: int = 128            # D, shared by all encoders so MAG's map q can be the identity
+    heads: int = 4            # H; head width D / H = 32
+    mlp_ratio: int = 4        # MLP hidden width = mlp_ratio * D, as in ViT and BERT
+    vision_layers: int = 4    # L_v
+    text_layers: int = 2      # L_t
+    fusion_layers: int = 2    # L_f
+    embed_dim: int = 64       # width of the shared ITC embedding
+    init_temp: float = 0.07   # initial ITC temperature (CLIP/ALBEF)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class Attention(nn.Module):
+    """Multi-head attention that returns its weights. Self-attention when ctx is x."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, ctx_valid):
+        B, N, D = x.shape
+        Nc, H = ctx.shape[1], self.heads
+        q = self.q(x).view(B, N, H, D // H).transpose(1, 2)                          # (B, H, N, D/H)
+        k, v = self.kv(ctx).view(B, Nc, 2, H, D // H).permute(2, 0, 3, 1, 4)           # 2 x (B, H, Nc, D/H)
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)                          # (B, H, N, Nc)
+        logits = logits.masked_fill(~ctx_valid[:, None, None, :], float("-inf"))
+        A = logits.softmax(dim=-1)
+        out = (A.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, D)                      # (B, N, D)
+        return self.proj(out), A
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with cross=True a fusion block (self, cross, MLP)."""
+
+    def __init__(self, cfg: VLTConfig, cross: bool = False):
+        super().__init__()
+        D = cfg.dim
+        self.ln1, self.attn = nn.LayerNorm(D), Attention(D, cfg.heads)
+        self.ln_cross = nn.LayerNorm(D) if cross else None
+        self.cross = Attention(D, cfg.heads) if cross else None
+        self.ln2 = nn.LayerNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(), nn.Linear(cfg.mlp_ratio * D, D))
+
+    def forward(self, x, valid, layer: int, prune: Optional[PruneHook] = None, image=None, image_valid=None):
+        x_in = x
+        h = self.ln1(x)
+        h, A = self.attn(h, h, valid)
+        x = x + h
+        if prune is not None:  # SPEC 1: prune after the self-attention residual, before cross-attn and MLP
+            x, valid = prune(layer, x_in, x, valid, A)
+        if self.cross is not None:
+            x = x + self.cross(self.ln_cross(x), image, image_valid)[0]
+        x = x + self.mlp(self.ln2(x))
+        return x, valid
+
+
+class VLT(nn.Module):
+    def __init__(self, cfg: VLTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        # vision encoder
+        self.patch_embed = nn.Conv2d(3, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.vision_cls = nn.Parameter(torch.zeros(1, 1, D))
+        self.vision_pos = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
+        self.vision = nn.ModuleList(Block(cfg) for _ in range(cfg.vision_layers))
+        self.vision_norm = nn.LayerNorm(D)
+        # text encoder: token 0 of every caption is the [CLS] word id
+        self.word_embed = nn.Embedding(cfg.vocab_size, D)
+        self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, D))
+        self.text = nn.ModuleList(Block(cfg) for _ in range(cfg.text_layers))
+        self.text_norm = nn.LayerNorm(D)
+        # fusion encoder over the text encoder's tokens, cross-attending to the image tokens
+        self.fusion = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.fusion_layers))
+        self.fusion_norm = nn.LayerNorm(D)
+        # heads
+        self.itc_vision = nn.Linear(D, cfg.embed_dim)
+        self.itc_text = nn.Linear(D, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temp)))
+        self.itm_head = nn.Linear(D, 2)
+        self.apply(_init_weights)
+        for p in (self.vision_cls, self.vision_pos, self.text_pos):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    # -- input checks: a wrong shape must fail here, with the fix, not deep inside a matmul --
+    def _check_images(self, images):
+        S = self.cfg.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (S, S):
+            raise ValueError(f"images must have shape (B, 3, {S}, {S}) for this config, got {tuple(images.shape)}; "
+                             f"resize them to image_size={S} (RGB) or build the model with a matching VLTConfig")
+
+    def _check_text(self, ids, valid):
+        V, L = self.cfg.vocab_size, self.cfg.max_text_len
+        if ids.dim() != 2 or valid.shape != ids.shape or valid.dtype != torch.bool:
+            raise ValueError(f"token ids must be (B, N) with a bool mask of the same shape, "
+                             f"got ids {tuple(ids.shape)} and valid {tuple(valid.shape)} {valid.dtype}")
+        if ids.shape[1] > L:
+            raise ValueError(f"captions have {ids.shape[1]} tokens but max_text_len is {L}; "
+                             f"truncate them with the tokenizer or raise max_text_len")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"token ids must lie in [0, {V}), got [{int(ids.min())}, {int(ids.max())}]; "
+                             f"encode captions with the tokenizer the model was built for (vocab_size={V})")
+        if not valid[:, 0].all():
+            raise ValueError("token 0 of every caption must be a valid [CLS] token")
+
+    # -- encoders --
+    def encode_image(self, images, prune: Optional[PruneHook] = None):
+        """images (B, 3, S, S) -> tokens (B, N, D), valid (B, N), after the final norm."""
+        self._check_images(images)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)                # (B, P, D)
+        x = torch.cat([self.vision_cls.expand(len(x), -1, -1), x], dim=1) + self.vision_pos
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        for layer, block in enumerate(self.vision):
+            x, valid = block(x, valid, layer, prune)
+        return self.vision_norm(x), valid
+
+    def encode_text(self, ids, valid, prune: Optional[PruneHook] = None):
+        """ids, valid (B, N) -> tokens (B, N', D), valid (B, N'), after the final norm."""
+        self._check_text(ids, valid)
+        x = self.word_embed(ids) + self.text_pos[:, : ids.shape[1]]
+        for layer, block in enumerate(self.text):
+            x, valid = block(x, valid, layer, prune)
+        return self.text_norm(x), valid
+
+    def fuse(self, text, text_valid, image, image_valid, prune: Optional[PruneHook] = None):
+        """Fusion encoder on text tokens attending to image tokens -> ITM logits (B, 2)."""
+        if len(text) != len(image):
+            raise ValueError(f"fusion needs one image per caption, got {len(image)} images and {len(text)} captions")
+        x, valid = text, text_valid
+        for layer, block in enumerate(self.fusion):
+            x, valid = block(x, valid, layer, prune, image, image_valid)
+        return self.itm_head(self.fusion_norm(x[:, 0]))
+
+    def forward(self, images, ids, valid, hooks=None):
+        """Matching pairs (image b, caption b) -> tokens, ITC embeddings and the pairs' ITM logits.
+        hooks: optional {"vision" | "text" | "fusion": PruneHook}."""
+        if len(images) != len(ids):
+            raise ValueError(f"got {len(images)} images but {len(ids)} captions; pairs need one of each")
+        hooks = hooks or {}
+        image, image_valid = self.encode_image(images, hooks.get("vision"))
+        text, text_valid = self.encode_text(ids, valid, hooks.get("text"))
+        e_img, e_txt = self.embed(image, text)
+        itm = self.fuse(text, text_valid, image, image_valid, hooks.get("fusion"))
+        return dict(image=image, image_valid=image_valid, text=text, text_valid=text_valid,
+                    e_img=e_img, e_txt=e_txt, itm=itm)
+
+    def embed(self, image_tokens, text_tokens):
+        """CLS tokens -> L2-normalised ITC embeddings (B_i, E), (B_t, E)."""
+        e_img = F_.normalize(self.itc_vision(image_tokens[:, 0]).float(), dim=-1)
+        e_txt = F_.normalize(self.itc_text(text_tokens[:, 0]).float(), dim=-1)
+        return e_img, e_txt
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+
+
+def positives(image_ids_a, image_ids_b):
+    """(Ba,), (Bb,) -> (Ba, Bb) bool: pairs that show the same image (ITC positives, never ITM negatives)."""
+    return image_ids_a[:, None] == image_ids_b[None, :]
+
+
+def itc_loss(model: VLT, e_img, e_txt, image_ids):
+    """Symmetric InfoNCE over the batch; captions of the same image count as positives (ALBEF)."""
+    sim = model.logit_scale.exp().clamp(max=100) * e_img @ e_txt.t()           # (B, B) image x text
+    pos = positives(image_ids, image_ids).float()
+    target = pos / pos.sum(1, keepdim=True)
+    loss_i2t = -(target * sim.log_softmax(1)).sum(1).mean()
+    loss_t2i = -(target * sim.t().log_softmax(1)).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2, sim
+
+
+def hard_negatives(sim, image_ids):
+    """For each image a negative caption, and for each caption a negative image, sampled in
+    proportion to their ITC similarity (ALBEF/BLIP), never a true pair."""
+    pos = positives(image_ids, image_ids)
+    with torch.no_grad():
+        w_i2t = sim.float().softmax(1).masked_fill(pos, 0) + 1e-9 * ~pos   # keeps a row with one
+        w_t2i = sim.t().float().softmax(1).masked_fill(pos, 0) + 1e-9 * ~pos  # negative samplable
+        neg_text = torch.multinomial(w_i2t, 1).squeeze(1)                     # (B,) caption per image
+        neg_image = torch.multinomial(w_t2i, 1).squeeze(1)                    # (B,) image per caption
+    return neg_text, neg_image
+
+
+def itm_loss(itm_logits, B):
+    """itm_logits (3B, 2) for [B true pairs, B image+negative caption, B caption+negative image]."""
+    labels = torch.zeros(len(itm_logits), dtype=torch.long, device=itm_logits.device)
+    labels[:B] = 1
+    return F_.cross_entropy(itm_logits.float(), labels)
+
+
+def task_loss(model: VLT, images, ids, valid, image_ids, hooks=None):
+    """L_task = L_itc + L_itm on a batch of matching pairs (SPEC section 1). The fusion encoder
+    runs once on 3B pairs: the true ones, each image with a hard negative caption, each caption
+    with a hard negative image."""
+    if len(images) != len(ids) or len(ids) != len(image_ids):
+        raise ValueError(f"batch sizes differ: {len(images)} images, {len(ids)} captions, {len(image_ids)} image ids")
+    if len(image_ids.unique()) < 2:
+        raise ValueError("a training batch needs at least two different images to draw ITM negatives from")
+    hooks = hooks or {}
+    B = len(images)
+    image, image_valid = model.encode_image(images, hooks.get("vision"))
+    text, text_valid = model.encode_text(ids, valid, hooks.get("text"))
+    e_img, e_txt = model.embed(image, text)
+    l_itc, sim = itc_loss(model, e_img, e_txt, image_ids)
+    neg_text, neg_image = hard_negatives(sim, image_ids)
+    arange = torch.arange(B, device=images.device)
+    t_idx = torch.cat([arange, neg_text, arange])                               # (3B,) caption of each pair
+    i_idx = torch.cat([arange, arange, neg_image])                              # (3B,) image of each pair
+    itm = model.fuse(text[t_idx], text_valid[t_idx], image[i_idx], image_valid[i_idx], hooks.get("fusion"))
+    return l_itc + itm_loss(itm, B), dict(itc=l_itc.detach(), sim=sim.detach())
