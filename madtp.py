@@ -178,13 +178,16 @@ class Trace:
 
     def __init__(self, features: bool = False, positions: bool = False):
         self.features, self.positions = features, positions
-        self.layers = {e: [] for e in ENCODERS}   # encoder -> [dict(n_in, n_out, extra[, kept])]
+        self.layers = {e: [] for e in ENCODERS}   # encoder -> [dict(n_in, n_out, ...[, kept])]
         self.F = {}                                # encoder -> (B, M, D), summed over layers
         self._pos = {}                             # encoder -> (B, N) original index per slot
 
-    def record(self, encoder, valid_in, valid_out, extra, idx=None):
-        """idx (B, K): the prunable slot each kept token came from (None: nothing was pruned)."""
-        rec = dict(n_in=valid_in.sum(dim=1), n_out=valid_out.sum(dim=1), extra=extra)
+    def record(self, encoder, valid_in, valid_out, idx=None, packaged=None, concepts=0, features=False):
+        """idx (B, K): the prunable slot each kept token came from (None: nothing was pruned);
+        packaged (B,): which samples built a package token; concepts: M if MAG's logits a were
+        computed, else 0; features: whether f_l was. The last three only count MADTP's own MACs."""
+        rec = dict(n_in=valid_in.sum(dim=1), n_out=valid_out.sum(dim=1), packaged=packaged,
+                   concepts=concepts, features=features)
         if self.positions:
             rec["kept"] = self._pos[encoder] = self._positions(encoder, valid_in, valid_out, idx)
         self.layers[encoder].append(rec)
@@ -206,10 +209,15 @@ class Trace:
         return torch.cat([pos[:, :1], kept, package], dim=1)
 
 
+def dense_hooks(trace):
+    """Count-only hooks for every encoder: how a dense model reports tokens and GFLOPs."""
+    return {e: count_only(trace, e) for e in ENCODERS}
+
+
 def count_only(trace, encoder):
     """A hook that prunes nothing and only counts: for dense models and switched-off encoders."""
     def hook(layer, x_in, x, valid, A):
-        trace.record(encoder, valid, valid, torch.zeros(len(x), device=x.device))
+        trace.record(encoder, valid, valid)
         return x, valid
     return hook
 
@@ -235,15 +243,13 @@ class MADTP(nn.Module):
         return prune
 
     def prune_layer(self, encoder, layer, x_in, x, valid, A, trace):
-        cfg, B, D = self.cfg, x.shape[0], x.shape[-1]
-        M = cfg.num_align_tokens
+        cfg = self.cfg
         X, v = x_in[:, 1:], valid[:, 1:]           # (B, n, D), (B, n): MAG reads the layer's input
-        n = v.sum(dim=1)                            # (B,) valid prunable tokens per sample
-        extra = torch.zeros(B, device=x.device)     # MACs MADTP spends on this sample, for GFLOPs
         S_cls = cls_score(A, v)
+        concepts, features = 0, False
         if cfg.method == "cls-static":
             S = S_cls
-            keep = top_k_mask(S, v, static_keep_count(n, self.beta))
+            keep = top_k_mask(S, v, static_keep_count(v.sum(dim=1), self.beta))
         else:
             a = mag_logits(X, self.T, v)
             P = concept_attention(a)
@@ -254,18 +260,16 @@ class MADTP(nn.Module):
                 S = (S_cls + S_self + mag_score(P, v)) / 3
             theta = threshold(a, S, cfg.tau)
             keep = keep_mask(S, theta, self.beta, v)
-            extra += n * M * D + n * M              # logits a, and the proposals inside θ
+            concepts = cfg.num_align_tokens
             if cfg.method == "random":              # MADTP's counts, random choice of tokens
                 S = normalise(random_scores(encoder, layer, v), v)
                 keep = top_k_mask(S, v, keep.sum(dim=1))
             if trace.features and cfg.method == "madtp" and encoder != "fusion":
                 f = concept_features(P, X)          # fusion features stay out of L_align (SPEC 3)
                 trace.F[encoder] = trace.F[encoder] + f if encoder in trace.F else f
-                extra += n * M * D
-        fused = v & ~keep
-        extra += fused.any(dim=1) * n * D           # the weighted sum that makes x_fuse
+                features = True
         x, valid_out, idx = prune_tokens(x, keep, S, valid)
-        trace.record(encoder, valid, valid_out, extra, idx)
+        trace.record(encoder, valid, valid_out, idx, (v & ~keep).any(dim=1), concepts, features)
         return x, valid_out
 
     def hooks(self, trace: Trace):
@@ -289,6 +293,18 @@ def block_macs(cfg, n_in, n_out, m=None):
     return macs
 
 
+def madtp_macs(cfg, r):
+    """What MADTP itself spends in one layer record r, per sample, on its n prunable input tokens:
+    the logits a and the proposals inside θ (M per token each), the features f_l, and x_fuse."""
+    n = r["n_in"] - 1
+    macs = r["concepts"] * n * (cfg.dim + 1)
+    if r["features"]:
+        macs = macs + r["concepts"] * n * cfg.dim
+    if r["packaged"] is not None:
+        macs = macs + r["packaged"] * n * cfg.dim
+    return macs
+
+
 def head_macs(cfg):
     """What each encoder spends outside its blocks: patch embedding and the ITC / ITM heads."""
     D = cfg.dim
@@ -304,7 +320,7 @@ def gflops(cfg, trace: Trace, image_tokens=None):
     for encoder, layers in trace.layers.items():
         if layers:
             m = image_tokens if encoder == "fusion" else None
-            macs = sum(block_macs(cfg, r["n_in"].double(), r["n_out"].double(), m) + r["extra"].double()
+            macs = sum(block_macs(cfg, r["n_in"].double(), r["n_out"].double(), m) + madtp_macs(cfg, r)
                        for r in layers)
             out[encoder] = (macs + heads[encoder]) / 1e9
     return out

@@ -1,13 +1,37 @@
-"""Tests for the MADTP reference: tiny configs on the CPU; each checks a property the method or
-the pipeline promises (SPEC sections 1-9). Run with `pytest`."""
+"""Tests for the MADTP reference: tiny configs on the CPU; each checks a property that the method,
+the data or the pipeline promises (../shared/SPEC.md). Run with `pytest`; the whole file takes a
+few minutes on a 2-core CPU. Tests that need ../shared/coco-mini skip when it is absent."""
+
+import functools
+import http.server
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.io import decode_image, encode_jpeg, read_file, write_file
 
-from madtp import (ENCODERS, METHODS, MADTP, MADTPConfig, Trace, count_only, gflops, dense_gflops,
+import data
+import train
+from madtp import (ENCODERS, METHODS, MADTP, MADTPConfig, Trace, dense_hooks, gflops, dense_gflops,
                    keep_mask, package_weights, prune_tokens, threshold, normalise, alignment_loss)
 from vlt import VLT, VLTConfig, task_loss
+
+# torchvision 0.29 deprecates its image codecs in favour of torchcodec, which this project does not depend on
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+HERE = Path(__file__).parent
+COCO_MINI = HERE.parent / "shared" / "coco-mini"
+
+
+# --- core: MAG, DTP and the VLT (issue 2) ------------------------------------------------------
 
 TINY = VLTConfig(image_size=32, patch_size=8, vocab_size=40, max_text_len=16, dim=32, heads=2,
                  vision_layers=2, text_layers=2, fusion_layers=2, embed_dim=16)
@@ -41,7 +65,7 @@ def images(B, seed=0):
 def run(model, madtp, imgs, ids, valid, positions=False):
     """One traced forward over matching pairs -> (outputs, trace, per-sample GFLOPs per encoder)."""
     trace = Trace(positions=positions)
-    hooks = madtp.hooks(trace) if madtp is not None else {e: count_only(trace, e) for e in ENCODERS}
+    hooks = madtp.hooks(trace) if madtp is not None else dense_hooks(trace)
     with torch.no_grad():
         out = model(imgs, ids, valid, hooks)
     g = gflops(model.cfg, trace, image_tokens=trace.layers["vision"][-1]["n_out"])
@@ -51,8 +75,6 @@ def run(model, madtp, imgs, ids, valid, positions=False):
 def kept_total(trace):
     return sum(int(r["n_out"].sum()) for e in ENCODERS for r in trace.layers[e])
 
-
-# --- core: MAG, DTP and the VLT (issue 2) ------------------------------------------------------
 
 def test_beta_zero_prunes_nothing_and_matches_dense():
     model, madtp = tiny_model(beta=0.0)
@@ -212,3 +234,534 @@ def test_bad_input_is_a_clear_error(bad, message):
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown pruning method"):
         MADTPConfig(method="evit")
+
+
+# --- data: synthetic scenes, tokenizer, COCO (issue 3) -----------------------------------------
+
+POSITION_WORDS = {w for _, place in data.POSITIONS for w in place.split()}
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+@functools.lru_cache
+def _splits(seed=0, num_train=40):
+    return data.synthetic_splits(num_train, 12, 12, captions_per_image=2, seed=seed)
+
+
+def _category(word):
+    for name, words in (("size", data.SIZES), ("colour", data.COLOURS), ("shape", data.SHAPES),
+                        ("position", POSITION_WORDS)):
+        if word in words:
+            return name
+    return None
+
+
+def _scene_of(split, c):
+    """The set of objects a caption describes, read back from its content words."""
+    words = data.pre_caption(split.captions[c], 1000)
+    objects, current = [], {}
+    for i, (word, content) in enumerate(zip(words, split.content_words(c))):
+        if not content:
+            continue
+        category = _category(word)
+        continues_position = category == "position" and i > 0 and _category(words[i - 1]) == "position"
+        if category in current and not continues_position:
+            objects.append(current)
+            current = {}
+        current[category] = f"{current[category]} {word}" if continues_position else word
+    objects.append(current)
+    assert all(len(o) == 4 for o in objects), (split.captions[c], objects)
+    return frozenset(tuple(sorted(o.items())) for o in objects)
+
+
+def test_synthetic_is_deterministic_by_seed():
+    a, b, other = _splits(), data.synthetic_splits(40, 12, 12, captions_per_image=2, seed=0), _splits(seed=1)
+    for name in ("train", "val", "test"):
+        assert a[name].captions == b[name].captions
+        assert torch.equal(a[name].pixels, b[name].pixels)
+        assert torch.equal(a[name].object_masks, b[name].object_masks)
+        assert a[name].captions != other[name].captions
+        assert not torch.equal(a[name].pixels, other[name].pixels)
+    # the test split does not depend on how much training data is asked for
+    assert _splits(num_train=25)["test"].captions == a["test"].captions
+
+
+def test_synthetic_shapes_and_datasets():
+    split = _splits()["train"]
+    assert split.pixels.shape == (40, 3, 64, 64) and split.pixels.dtype == torch.uint8
+    assert split.object_patches(0).shape == (64,) and split.object_patches(0).dtype == torch.bool
+    assert split.img2txt[3] == [6, 7] and split.txt2img[7] == 3
+    item = data.PairDataset(split)[7]
+    assert item["image"].shape == (3, 64, 64) and item["image_index"] == 3 and item["image_id"] == split.image_ids[3]
+    assert torch.equal(item["image"], split.image(3, train=True))  # synthetic images are never augmented
+    batch = next(iter(torch.utils.data.DataLoader(data.ImageDataset(split), batch_size=8)))
+    assert batch["image"].shape == (8, 3, 64, 64) and batch["index"].tolist() == list(range(8))
+
+
+def test_synthetic_splits_are_disjoint_and_test_captions_unique():
+    splits = _splits()
+    scenes = {}
+    for name, split in splits.items():
+        per_image = [{_scene_of(split, c) for c in caps} for caps in split.img2txt]
+        assert all(len(s) == 1 for s in per_image), "captions of one image describe different scenes"
+        scenes[name] = [s.pop() for s in per_image]
+        assert len(set(scenes[name])) == len(scenes[name])
+    assert not set(scenes["train"]) & set(scenes["val"])
+    assert not set(scenes["train"]) & set(scenes["test"])
+    assert not set(scenes["val"]) & set(scenes["test"])
+    test = splits["test"].captions
+    assert len(set(test)) == len(test)
+
+
+def test_synthetic_content_words_align_with_pre_caption():
+    for split in _splits().values():
+        for c, caption in enumerate(split.captions):
+            words = data.pre_caption(caption, 1000)
+            assert " ".join(words) == caption and len(words) <= data.SYNTHETIC_MAX_WORDS
+            flags = split.content_words(c)
+            assert len(flags) == len(words)
+            assert all((_category(w) is not None) == f for w, f in zip(words, flags)), caption
+            counts = [sum(_category(w) == k for w in words) for k in ("size", "colour", "shape")]
+            assert counts[0] == counts[1] == counts[2] and 1 <= counts[0] <= data.MAX_OBJECTS
+
+
+def test_object_patches_line_up_with_the_drawing():
+    split = _splits()["train"]
+    p = 8
+    patches = split.pixels.float().unfold(2, p, p).unfold(3, p, p)  # (I, 3, 8, 8, p, p)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(2)  # (I, P, 3 * p * p)
+    object_diff, background_diff = [], []
+    for i in range(split.num_images):
+        flags = split.object_patches(i)
+        assert flags.any() and not flags.all()
+        background = patches[i, ~flags].view(-1, 3, p * p).median(0).values.median(-1).values  # (3,)
+        diff = (patches[i].view(-1, 3, p * p) - background[None, :, None]).abs().mean((1, 2))  # (P,)
+        object_diff.append(diff[flags].mean())
+        background_diff.append(diff[~flags].mean())
+        assert flags.sum() >= len(_scene_of(split, split.img2txt[i][0]))  # at least one patch per object
+    assert torch.stack(object_diff).mean() > 3 * torch.stack(background_diff).mean()
+
+
+def test_synthetic_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        data.synthetic_splits(4, 2, 2, image_size=60, patch_size=8)
+    with pytest.raises(ValueError, match=">= 1 image"):
+        data.synthetic_splits(4, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def test_pre_caption_follows_blip():
+    assert data.pre_caption('A Dog (big)!  runs: "fast"; home.', 50) == ["a", "dog", "big", "runs", "fast", "home"]
+    assert data.pre_caption("one two three", 2) == ["one", "two"]
+    with pytest.raises(ValueError, match=r"'\.\.\. !'"):
+        data.pre_caption("... !", 10)
+
+
+def test_tokenizer():
+    tok = data.Tokenizer.build(["a red circle", "a blue square", "a red square"], max_len=5, min_count=1)
+    assert tok.vocab[:3] == ["[PAD]", "[CLS]", "[UNK]"] and len(tok) == 3 + 5
+    assert data.Tokenizer.build(["b a", "a"], max_len=5, min_count=2).vocab == data.SPECIAL_TOKENS + ["a"]
+    ids, valid = tok.encode(["A red triangle.", "red"])
+    assert ids.shape == valid.shape == (2, 4)
+    assert ids[:, 0].tolist() == [data.CLS] * 2
+    assert ids[0, 3] == data.UNK and ids[1, 2:].tolist() == [data.PAD] * 2
+    assert valid.tolist() == [[True] * 4, [True, True, False, False]]
+    ids, _ = tok.encode(["a b c d e f g"])  # truncated to max_len - 1 words
+    assert ids.shape == (1, 5)
+    assert tok.encode(["red"], pad_to=5)[0].shape == (1, 5)
+    with pytest.raises(ValueError, match="pad_to"):
+        tok.encode(["a red circle"], pad_to=3)
+    with pytest.raises(ValueError, match="empty after cleaning"):
+        tok.encode(["red", "?!."[1:]])
+    with pytest.raises(ValueError, match="list of captions"):
+        tok.encode("a red circle")
+
+
+def test_tokenizer_state_dict_round_trip(tmp_path):
+    tok = data.Tokenizer.build(["a red circle", "a blue square"], max_len=6)
+    torch.save({"tokenizer": tok.state_dict()}, tmp_path / "t.pt")
+    state = torch.load(tmp_path / "t.pt", weights_only=True)["tokenizer"]
+    again = data.Tokenizer.from_state_dict(state)
+    assert again.vocab == tok.vocab and again.max_len == tok.max_len
+    assert torch.equal(again.encode(["a red square"])[0], tok.encode(["a red square"])[0])
+    with pytest.raises(ValueError, match="must start with"):
+        data.Tokenizer(["a", "b", "c"], 5)
+
+
+# ---------------------------------------------------------------------------------------------- COCO fixtures
+
+
+def _jpeg(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = torch.randint(0, 256, (3, 24, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    write_file(str(path), encode_jpeg(image))
+
+
+def _official(root, n, split="val2017", captions_per_image=2, images=True):
+    """root/annotations/captions_<split>.json and root/<split>/*.jpg, ids 100.."""
+    entries = [{"id": 100 + i, "file_name": f"{100 + i:012d}.jpg", "height": 24, "width": 32,
+                "coco_url": f"http://images.cocodataset.org/{split}/{100 + i:012d}.jpg"} for i in range(n)]
+    captions = [{"id": 1000 * i + j, "image_id": 100 + i, "caption": f"A photo {i}, take {j}."}
+                for i in range(n) for j in range(captions_per_image)]
+    ann = root / "annotations" / f"captions_{split}.json"
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    ann.write_text(json.dumps({"images": entries, "annotations": captions}))
+    for i, e in enumerate(entries if images else []):
+        _jpeg(root / split / e["file_name"], i)
+    return ann
+
+
+def _karpathy(root, n):
+    """BLIP-style files over the images of _official: train one entry per caption, test one per image."""
+    image = "val2017/{:012d}.jpg".format
+    train = [{"image": image(100 + i), "caption": f"Train photo {i}, take {j}.", "image_id": f"coco_{100 + i}"}
+             for i in range(n // 2) for j in range(2)]
+    test = [{"image": image(100 + i), "caption": [f"Test photo {i}.", f"Another {i}."]} for i in range(n // 2, n)]
+    (root / "karpathy").mkdir(exist_ok=True)
+    (root / "karpathy" / "k_train.json").write_text(json.dumps(train))
+    (root / "karpathy" / "k_test.json").write_text(json.dumps(test))
+
+
+def test_load_coco_both_formats(tmp_path):
+    _official(tmp_path, 6)
+    _karpathy(tmp_path, 6)
+    official = data.load_coco(tmp_path, "annotations/captions_val2017.json")
+    assert [r.image_id for r in official] == list(range(100, 106))
+    assert official[0].captions == ["A photo 0, take 0.", "A photo 0, take 1."]
+    assert official[0].image == tmp_path / "val2017" / "000000000100.jpg"
+    train = data.load_coco(tmp_path, tmp_path / "karpathy" / "k_train.json")
+    test = data.load_coco(tmp_path, "karpathy/k_test.json")
+    assert [r.image_id for r in train + test] == [r.image_id for r in official]  # "coco_100" and file names -> 100
+    assert [len(r.captions) for r in train + test] == [2] * 6
+    assert [r.image for r in train + test] == [r.image for r in official]
+
+
+def test_coco_splits(tmp_path):
+    _official(tmp_path, 20)
+    splits = data.coco_splits(tmp_path, [], image_size=16, val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert [s.num_images for s in splits.values()] == [12, 4, 4]
+    ids = [set(s.image_ids) for s in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2]) and len(set.union(*ids)) == 20
+    train = splits["train"]
+    assert train.pixels.shape == (12, 3, 18, 18) and train.object_patches(0) is None and train.content_words(0) is None
+    assert train.image(0).shape == train.image(0, train=True).shape == (3, 16, 16)
+    assert len(train.captions) == 24 and train.img2txt[0] == [0, 1]
+    again = data.coco_splits(tmp_path, [], image_size=16, val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert again["test"].image_ids == splits["test"].image_ids
+    subset = data.coco_splits(tmp_path, [], 16, num_images=10, val_fraction=0.2, test_fraction=0.2)
+    assert set().union(*(s.image_ids for s in subset.values())) == set(range(100, 110))  # the first N
+    sampled = data.coco_splits(tmp_path, [], 16, num_images=10, sample_seed=3, val_fraction=0.2, test_fraction=0.2)
+    assert len(set().union(*(s.image_ids for s in sampled.values()))) == 10
+    with pytest.raises(ValueError, match="num_images=30"):
+        data.coco_splits(tmp_path, [], 16, num_images=30)
+    _karpathy(tmp_path, 20)
+    with pytest.raises(ValueError, match="appears twice"):
+        data.coco_splits(tmp_path, ["annotations/captions_val2017.json", "karpathy/k_test.json"], 16)
+
+
+def test_coco_missing_files_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download-coco"):
+        data.load_coco(tmp_path / "nowhere", "annotations/captions_val2017.json")
+    with pytest.raises(FileNotFoundError, match="captions_val2017.json.*download-coco"):
+        data.load_coco(tmp_path, "annotations/captions_val2017.json")
+    with pytest.raises(FileNotFoundError, match="looked for.*captions_\\*.json.*download-coco"):
+        data.coco_splits(tmp_path, [], 16)
+    _official(tmp_path, 3, images=False)
+    with pytest.raises(FileNotFoundError, match="image folder .*val2017"):
+        data.load_coco(tmp_path, "annotations/captions_val2017.json")
+
+
+def test_coco_rejects_bad_json(tmp_path):
+    (tmp_path / "neither.json").write_text(json.dumps({"foo": [1]}))
+    with pytest.raises(ValueError, match="neither COCO captions format"):
+        data.load_coco(tmp_path, "neither.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        data.load_coco(tmp_path, "broken.json")
+    ann = _official(tmp_path, 3)
+    content = json.loads(ann.read_text())
+    content["annotations"][0]["caption"] = " ... !"
+    ann.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="image 100 has caption ' ... !'"):
+        data.load_coco(tmp_path, ann)
+
+
+@pytest.mark.parametrize("name", ["../outside.jpg", "/etc/passwd", "val2017/../../x.jpg"])
+def test_coco_refuses_file_names_escaping_the_root(tmp_path, name):
+    ann = _official(tmp_path, 2)
+    content = json.loads(ann.read_text())
+    content["images"][0]["file_name"] = name
+    ann.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="escapes the image root"):
+        data.load_coco(tmp_path, ann)
+    (tmp_path / "k.json").write_text(json.dumps([{"image": name, "caption": "a cat", "image_id": 1}]))
+    with pytest.raises(ValueError, match="escapes the image root"):
+        data.load_coco(tmp_path, "k.json")
+
+
+def test_coco_skips_and_counts_bad_images(tmp_path, capsys):
+    ann = _official(tmp_path, 25)
+    content = json.loads(ann.read_text())
+    content["annotations"] = [a for a in content["annotations"] if a["image_id"] != 124]  # an image with no captions
+    ann.write_text(json.dumps(content))
+    (tmp_path / "val2017" / "000000000100.jpg").unlink()
+    splits = data.coco_splits(tmp_path, [ann], 16)
+    assert sum(s.num_images for s in splits.values()) == 23
+    err = capsys.readouterr().err
+    assert "skipped 1 of 25 images that have no captions" in err
+    assert "skipped 1 of 24 images, missing or unreadable" in err and "000000000100.jpg (missing)" in err
+    (tmp_path / "val2017" / "000000000101.jpg").write_bytes(b"not a jpeg")  # now 2 of 24: over 5%
+    with pytest.raises(ValueError, match="2 of 24 images are missing or unreadable.*num_images"):
+        data.coco_splits(tmp_path, [ann], 16)
+
+
+@pytest.mark.skipif(not COCO_MINI.is_dir(), reason="../shared/coco-mini is not there")
+def test_coco_mini_both_formats():
+    official = {s: data.load_coco(COCO_MINI, f"annotations/captions_{s}.json") for s in ("train2017", "val2017")}
+    karpathy = {s: data.load_coco(COCO_MINI, f"karpathy/coco_mini_karpathy_{s}.json") for s in ("train", "test")}
+    expected = ((official["train2017"], 80), (official["val2017"], 159), (karpathy["train"], 80), (karpathy["test"], 159))
+    for records, n in expected:
+        assert len(records) == n and all(len(r.captions) == 5 and r.image.is_file() for r in records)
+    assert {r.image_id for r in karpathy["train"]} == {r.image_id for r in official["train2017"]}
+    assert {r.image_id for r in karpathy["test"]} == {r.image_id for r in official["val2017"]}
+    splits = data.coco_splits(COCO_MINI, [], 32, num_images=40, sample_seed=0)
+    assert sum(s.num_images for s in splits.values()) == 40
+    assert splits["train"].image(0, train=True).shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------- downloader
+
+
+class _Server:
+    """A loopback HTTP server over a folder, remembering which paths were asked for."""
+
+    def __init__(self, folder):
+        requests = self.requests = []
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def do_GET(self):
+                requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def coco_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("no_proxy", "*")
+    served = tmp_path / "server"
+    ann = _official(served, 4)
+    with zipfile.ZipFile(served / data.ANNOTATIONS_ZIP, "w") as z:
+        z.write(ann, "annotations/captions_val2017.json")
+    ann.unlink()
+    server = _Server(served)
+    yield server, served
+    server.close()
+
+
+def test_download_coco_resumes(tmp_path, coco_server):
+    server, served = coco_server
+    root = tmp_path / "coco"
+    assert data.download_coco(root, "val2017", 3, base_url=server.url) == {"downloaded": 3, "present": 0}
+    assert sorted(p.name for p in (root / "val2017").iterdir()) == [f"{100 + i:012d}.jpg" for i in range(3)]
+    assert len(data.load_coco(root, "annotations/captions_val2017.json")) == 4  # the json lists the whole split
+    server.requests.clear()
+    data.main(["download-coco", "--root", str(root), "--split", "val2017", "--num-images", "3",
+               "--base-url", server.url])
+    assert server.requests == []  # everything was there: nothing fetched
+    (root / "val2017" / "000000000100.jpg").unlink()
+    (root / "val2017" / "000000000101.jpg").write_bytes(b"truncated")
+    assert data.download_coco(root, "val2017", None, base_url=server.url) == {"downloaded": 3, "present": 1}
+    assert not list(root.rglob("*.part"))
+    (served / "val2017" / "000000000100.jpg").unlink()
+    (root / "val2017" / "000000000100.jpg").unlink()
+    with pytest.raises(RuntimeError, match="1 of 4 images failed.*run the same command again"):
+        data.download_coco(root, "val2017", None, base_url=server.url)
+
+
+def test_download_coco_never_writes_outside_root(tmp_path, coco_server):
+    server, served = coco_server
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    with zipfile.ZipFile(served / data.ANNOTATIONS_ZIP) as z:
+        content = json.loads(z.read("annotations/captions_val2017.json"))
+    content["images"][1]["file_name"] = "../../escaped.jpg"
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="escapes the image root"):
+        data.download_coco(root, "val2017", None, base_url=server.url)
+    assert not (tmp_path / "escaped.jpg").exists() and server.requests == []
+    with pytest.raises(ValueError, match="plain name"):
+        data.download_coco(root, "../val2017", None, base_url=server.url)
+
+
+# --- the main job: train.py (issues 4 and 5) ----------------------------------------------------
+
+FAST = ["--preset", "tiny", "--device", "cpu"]
+
+
+def load_json(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One whole tiny pipeline (dense, MADTP at 50%, evaluation), shared by the tests below."""
+    out = tmp_path_factory.mktemp("tiny")
+    train.main(FAST + ["--out", str(out)])
+    return out
+
+
+def test_tiny_pipeline_end_to_end(tiny_run):
+    m = load_json(tiny_run / "metrics.json")
+    dense, pruned = m["dense"], m["madtp 50%"]
+    # chance r_mean on 100 test images with 2 captions each is about 8
+    assert dense["r_mean"] > 20, dense["r_mean"]
+    assert abs(pruned["gflops_reduction"] - 0.5) <= 0.03, pruned["gflops_reduction"]
+    for row in (dense, pruned):
+        for key in ("r_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "gflops",
+                    "gflops_reduction", "pairs_per_s_batch1", "pairs_per_s_batch"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), key
+        assert set(row["kept_tokens"]) == set(ENCODERS)
+    assert pruned["object_share"]["per_layer"][-1] > pruned["object_share"]["all_patches"], \
+        "MADTP should keep object patches more often than their share of the image"
+    png = decode_image(read_file(str(tiny_run / "tokens.png")))
+    assert png.shape[0] == 3 and png.shape[1] > 100 and png.shape[2] > 100
+    log = (tiny_run / "train.log").read_text()
+    assert "stage 1" in log and "r_mean" in log
+    for name, kind in (("dense.pt", "dense"), ("madtp-0.50.pt", "compressed")):
+        ckpt = torch.load(tiny_run / name, weights_only=True)
+        assert ckpt["kind"] == kind and ckpt["done"]
+        assert {"vlt_config", "train_config", "tokenizer", "model"} <= set(ckpt)
+    ckpt = torch.load(tiny_run / "madtp-0.50.pt", weights_only=True)
+    assert ckpt["beta"] > 0 and ckpt["tau"] == 1.0 and "T" in ckpt["madtp"]
+
+
+def test_a_finished_dense_model_is_reused(tiny_run, capsys):
+    out = tiny_run.parent / "reuse"
+    out.mkdir()
+    shutil.copy(tiny_run / "dense.pt", out / "dense.pt")
+    train.main(FAST + ["--out", str(out), "--method", "cls-static", "--prune-steps", "10"])
+    assert "skipping dense training" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_another_config_is_refused(tiny_run, tmp_path, capsys):
+    shutil.copy(tiny_run / "dense.pt", tmp_path / "dense.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--out", str(tmp_path), "--seed", "1"])
+    assert e.value.code != 0
+    assert "seed: 0 in the checkpoint, 1 now" in capsys.readouterr().err
+
+
+def test_eval_only_does_not_depend_on_eval_batch_size(tiny_run, tmp_path):
+    results = []
+    for bs in ("1", "64"):
+        train.main(["--eval-only", str(tiny_run / "madtp-0.50.pt"), "--eval-batch-size", bs,
+                    "--device", "cpu", "--out", str(tmp_path / bs)])
+        results.append(load_json(tmp_path / bs / "eval-madtp-0.50.json"))
+    one, many = results
+    for key in ("r_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+        assert one[key] == many[key], key
+    assert one["gflops"] == pytest.approx(many["gflops"], rel=1e-9)
+    assert one["kept_tokens"] == pytest.approx(many["kept_tokens"])
+
+
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
+    args = FAST + ["--dense-steps", "30", "--prune-steps", "0"]
+    train.main(args + ["--out", str(tmp_path / "straight")])
+    real_lr = train.lr_at
+
+    def interrupt_at_12(step, *a):
+        if step == 12:
+            raise KeyboardInterrupt
+        return real_lr(step, *a)
+
+    monkeypatch.setattr(train, "lr_at", interrupt_at_12)
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--out", str(tmp_path / "stopped")])
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "stopped" / "dense.pt", weights_only=True)["step"] == 12
+    monkeypatch.setattr(train, "lr_at", real_lr)
+    with pytest.raises(SystemExit):   # an unfinished run is not silently restarted or continued
+        train.main(args + ["--out", str(tmp_path / "stopped")])
+    train.main(args + ["--out", str(tmp_path / "stopped"), "--resume"])
+    a = torch.load(tmp_path / "straight" / "dense.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "stopped" / "dense.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_a_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train.task_loss
+    calls = []
+
+    def blows_up(*a, **kw):
+        loss, info = real(*a, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 12 else loss), info
+
+    monkeypatch.setattr(train, "task_loss", blows_up)
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--out", str(tmp_path), "--dense-steps", "30", "--save-every", "5"])
+    assert e.value.code == 3
+    assert "at step 12" in capsys.readouterr().out
+    assert torch.load(tmp_path / "dense.pt", weights_only=True)["step"] == 10
+
+
+def test_cuda_requested_without_cuda_is_one_clear_line(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, "train.py", "--device", "cuda", "--preset", "tiny", "--out", str(tmp_path)],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "CUDA is not available" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_two_process_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *FAST, "--out", str(tmp_path), "--dense-steps", "20", "--prune-steps", "10"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = load_json(tmp_path / "metrics.json")
+    assert "madtp 50%" in m
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("stage 1: training") == 1, "only rank 0 writes"
+
+
+@pytest.mark.skipif(not COCO_MINI.exists(), reason="../shared/coco-mini is not here")
+def test_coco_mini_end_to_end(tmp_path):
+    for ann in ("annotations/captions_train2017.json,annotations/captions_val2017.json",
+                "karpathy/coco_mini_karpathy_train.json,karpathy/coco_mini_karpathy_test.json"):
+        out = tmp_path / ann.split("/")[0]
+        train.main(["--data", "coco", "--coco-root", str(COCO_MINI), "--coco-ann", ann, "--device", "cpu",
+                    "--out", str(out), "--dense-steps", "6", "--prune-steps", "6", "--batch-size", "16"])
+        m = load_json(out / "metrics.json")
+        assert set(m) == {"dense", "madtp 50%"}
+        assert all(math.isfinite(r["r_mean"]) for r in m.values())
+
+
+def test_compare_writes_results(tmp_path):
+    train.main(FAST + ["--out", str(tmp_path), "--compare", "0.5", "--dense-steps", "60", "--prune-steps", "20"])
+    results = load_json(tmp_path / "results.json")
+    rows = {(r["method"], r["target"]) for r in results["summary"]}
+    assert rows == {("dense", 0.0)} | {(m, 0.5) for m in METHODS}
+    for r in results["summary"]:
+        if r["method"] != "dense":
+            assert abs(r["gflops_reduction"][0] - 0.5) <= 0.05, r
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("| method") and md.count("\n") == 2 + 1 + len(METHODS)

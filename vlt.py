@@ -33,7 +33,7 @@ class VLTConfig:
     image_size: int = 64      # synthetic scenes are 64x64; the coco preset raises it
     patch_size: int = 8       # 8x8 patches: an 8x8 grid, 64 vision tokens plus CLS
     vocab_size: int = 512     # overwritten by the tokenizer's vocabulary size
-    max_text_len: int = 32    # [CLS] + at most 31 words
+    max_text_len: int = 40    # [CLS] + up to 39 words: the longest synthetic caption has 37
     dim: int = 128            # D, shared by all encoders so MAG's map q can be the identity
     heads: int = 4            # H; head width D / H = 32
     mlp_ratio: int = 4        # MLP hidden width = mlp_ratio * D, as in ViT and BERT
@@ -48,6 +48,18 @@ class VLTConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+def per_token(f, x, valid):
+    """f on the valid tokens only, zeros elsewhere. After pruning, a batch is padded to its largest
+    keep count; per-token layers (projections, MLP: most of the compute) would otherwise spend on
+    padding much of what pruning saved. x (B, N, D), valid (B, N) -> (B, N, D')."""
+    if valid.all():
+        return f(x)
+    y = f(x[valid])                                                                 # (valid tokens, D')
+    out = y.new_zeros(*valid.shape, y.shape[-1])
+    out[valid] = y
+    return out
+
+
 class Attention(nn.Module):
     """Multi-head attention that returns its weights. Self-attention when ctx is x."""
 
@@ -58,16 +70,16 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, ctx, ctx_valid):
+    def forward(self, x, valid, ctx, ctx_valid):
         B, N, D = x.shape
         Nc, H = ctx.shape[1], self.heads
-        q = self.q(x).view(B, N, H, D // H).transpose(1, 2)                          # (B, H, N, D/H)
-        k, v = self.kv(ctx).view(B, Nc, 2, H, D // H).permute(2, 0, 3, 1, 4)           # 2 x (B, H, Nc, D/H)
+        q = per_token(self.q, x, valid).view(B, N, H, D // H).transpose(1, 2)                # (B, H, N, D/H)
+        k, v = per_token(self.kv, ctx, ctx_valid).view(B, Nc, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nc, D/H)
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)                          # (B, H, N, Nc)
         logits = logits.masked_fill(~ctx_valid[:, None, None, :], float("-inf"))
         A = logits.softmax(dim=-1)
         out = (A.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, D)                      # (B, N, D)
-        return self.proj(out), A
+        return per_token(self.proj, out, valid), A
 
 
 class Block(nn.Module):
@@ -85,13 +97,13 @@ class Block(nn.Module):
     def forward(self, x, valid, layer: int, prune: Optional[PruneHook] = None, image=None, image_valid=None):
         x_in = x
         h = self.ln1(x)
-        h, A = self.attn(h, h, valid)
+        h, A = self.attn(h, valid, h, valid)
         x = x + h
         if prune is not None:  # SPEC 1: prune after the self-attention residual, before cross-attn and MLP
             x, valid = prune(layer, x_in, x, valid, A)
         if self.cross is not None:
-            x = x + self.cross(self.ln_cross(x), image, image_valid)[0]
-        x = x + self.mlp(self.ln2(x))
+            x = x + self.cross(self.ln_cross(x), valid, image, image_valid)[0]
+        x = x + per_token(self.mlp, self.ln2(x), valid)
         return x, valid
 
 
@@ -180,16 +192,17 @@ class VLT(nn.Module):
         hooks = hooks or {}
         image, image_valid = self.encode_image(images, hooks.get("vision"))
         text, text_valid = self.encode_text(ids, valid, hooks.get("text"))
-        e_img, e_txt = self.embed(image, text)
+        e_img, e_txt = self.embed_image(image), self.embed_text(text)
         itm = self.fuse(text, text_valid, image, image_valid, hooks.get("fusion"))
         return dict(image=image, image_valid=image_valid, text=text, text_valid=text_valid,
                     e_img=e_img, e_txt=e_txt, itm=itm)
 
-    def embed(self, image_tokens, text_tokens):
-        """CLS tokens -> L2-normalised ITC embeddings (B_i, E), (B_t, E)."""
-        e_img = F_.normalize(self.itc_vision(image_tokens[:, 0]).float(), dim=-1)
-        e_txt = F_.normalize(self.itc_text(text_tokens[:, 0]).float(), dim=-1)
-        return e_img, e_txt
+    def embed_image(self, image_tokens):
+        """CLS token -> L2-normalised ITC embedding (B, E)."""
+        return F_.normalize(self.itc_vision(image_tokens[:, 0]).float(), dim=-1)
+
+    def embed_text(self, text_tokens):
+        return F_.normalize(self.itc_text(text_tokens[:, 0]).float(), dim=-1)
 
 
 def _init_weights(m):
@@ -246,11 +259,11 @@ def task_loss(model: VLT, images, ids, valid, image_ids, hooks=None):
     B = len(images)
     image, image_valid = model.encode_image(images, hooks.get("vision"))
     text, text_valid = model.encode_text(ids, valid, hooks.get("text"))
-    e_img, e_txt = model.embed(image, text)
+    e_img, e_txt = model.embed_image(image), model.embed_text(text)
     l_itc, sim = itc_loss(model, e_img, e_txt, image_ids)
     neg_text, neg_image = hard_negatives(sim, image_ids)
     arange = torch.arange(B, device=images.device)
     t_idx = torch.cat([arange, neg_text, arange])                               # (3B,) caption of each pair
     i_idx = torch.cat([arange, arange, neg_image])                              # (3B,) image of each pair
     itm = model.fuse(text[t_idx], text_valid[t_idx], image[i_idx], image_valid[i_idx], hooks.get("fusion"))
-    return l_itc + itm_loss(itm, B), dict(itc=l_itc.detach(), sim=sim.detach())
+    return l_itc + itm_loss(itm, B), dict(itc=l_itc.detach(), image_of_pair=i_idx)

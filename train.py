@@ -1,0 +1,978 @@
+"""Train a small VLT, compress it with MADTP, evaluate both and show the result.
+
+    python train.py --device cuda                      # the whole story on synthetic scenes
+    python train.py --compare 0.5,0.7,0.8 --seeds 0,1,2 # every method at every reduction
+    torchrun --nproc_per_node=2 train.py               # the same, DistributedDataParallel
+
+Cao et al., "MADTP: Multimodal Alignment-Guided Dynamic Token Pruning for Accelerating
+Vision-Language Transformer", CVPR 2024, arXiv 2403.02991 (official code github.com/double125/MADTP).
+This file follows ../shared/SPEC.md sections 4 (compression fine-tuning and the budget), 5
+(GFLOPs), 6 (evaluation) and 7 (baselines): (1) train the dense VLT on L_task, (2) fine-tune it
+with L_task + α L_align while pruning, a ramped GFLOPs target and a controller on β, then calibrate
+β on the validation split, (3) evaluate dense and compressed models on the test split: recalls,
+GFLOPs per pair, tokens kept, pairs/s, and tokens.png.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+import data
+from madtp import (ENCODERS, METHODS, MADTP, MADTPConfig, Trace, alignment_loss, dense_gflops, dense_hooks, gflops)
+from vlt import VLT, VLTConfig, task_loss
+
+BETA_MIN, BETA_MAX = 1e-3, 1e3   # the range the controller and the calibration search move β in
+BETA_INIT = 0.5                  # where stage 2 starts β: threshold methods still keep nearly everything
+CALIBRATION_STEPS = 14           # bisection steps on log β; the range shrinks 2^14-fold
+CALIBRATION_SPAN = 8.0           # the search looks for β within this factor of where training left it
+WARMUP_RUNS = 3                  # timed forward passes thrown away before measuring pairs/s
+TIMING_REPEATS = 3               # pairs/s is the best of this many timed passes (the least disturbed)
+CHECKPOINT_VERSION = 1
+
+# Sizes per preset. "tiny" runs the whole pipeline in well under a minute on a laptop CPU (tests);
+# "default" is the synthetic-scene run the README reports; "coco" suits real photos.
+PRESETS = {
+    "tiny": dict(model=dict(image_size=32, patch_size=8, dim=64, heads=2, vision_layers=2, text_layers=1,
+                            fusion_layers=1, embed_dim=32),
+                 num_train=400, num_val=100, num_test=100, dense_steps=300, prune_steps=80,
+                 batch_size=32, eval_batch_size=64, num_align_tokens=16, itm_k=8, bench_pairs=32),
+    "default": dict(model=dict(), num_train=4000, num_val=400, num_test=500, dense_steps=1000,
+                    prune_steps=300, batch_size=64, eval_batch_size=64, num_align_tokens=32, itm_k=16,
+                    bench_pairs=128),
+    "coco": dict(model=dict(image_size=128, patch_size=16, dim=192, heads=3, vision_layers=6, text_layers=3,
+                            fusion_layers=2, embed_dim=128, max_text_len=32),
+                 num_train=0, num_val=0, num_test=0, dense_steps=3000, prune_steps=1000, batch_size=64,
+                 eval_batch_size=64, num_align_tokens=64, itm_k=16, bench_pairs=128),
+}
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "default"       # tiny | default | coco: sizes below come from PRESETS unless set
+    data: str = "synthetic"       # synthetic scenes (no download) or coco
+    coco_root: str = ""           # folder with the COCO images (and annotations/)
+    coco_ann: str = ""            # comma-separated caption json files (official or Karpathy); "" = look in coco_root
+    coco_num_images: int = 0      # use the first N images of the pooled annotations (0 = all)
+    method: str = "madtp"         # madtp | dtp-no-mag | cls-static | random (SPEC section 7)
+    prune_ratio: float = 0.5      # p, the GFLOPs reduction to compress to
+    out: str = "runs/default"     # checkpoints, metrics.json, train.log, tokens.png
+    seed: int = 0                 # model initialisation and batch order; the data never changes with it
+    device: str = "auto"          # auto picks CUDA when available
+    batch_size: int = 64          # per process
+    eval_batch_size: int = 64     # evaluation and the large-batch timing; results do not depend on it
+    num_train: int = 4000         # synthetic images per split (coco: fractions below)
+    num_val: int = 400
+    num_test: int = 500
+    captions_per_image: int = 2   # synthetic: distinct captions per image
+    coco_val_fraction: float = 0.15   # share of COCO images held out for validation
+    coco_test_fraction: float = 0.15  # ... and for the test split
+    dense_steps: int = 1000       # optimiser steps of stage 1
+    prune_steps: int = 300        # optimiser steps of stage 2 (every method gets the same)
+    ramp: float = 0.4             # share of stage 2 over which the GFLOPs target rises from 0 to p
+    lr: float = 5e-4              # AdamW peak learning rate, stage 1
+    prune_lr: float = 1e-4        # AdamW peak learning rate, stage 2 (fine-tuning)
+    weight_decay: float = 0.05    # AdamW, as BLIP
+    warmup: float = 0.05          # share of each stage with a linear learning-rate warm-up
+    grad_clip: float = 1.0        # max gradient norm
+    beta_gain: float = 0.5        # controller: log β += beta_gain * (target - realised reduction); the
+                                  # reduction is steep in log β near the target, larger gains oscillate
+    num_align_tokens: int = 32    # M
+    tau: float = 1.0              # τ
+    alpha: float = 0.1            # α
+    itm_k: int = 16               # ITM re-ranks the top-k ITC candidates (BLIP's protocol)
+    bench_pairs: int = 128        # pairs timed at batch 1 (and batches of eval_batch_size)
+    save_every: int = 200         # steps between checkpoints (and on Ctrl-C)
+    num_workers: int = 0          # DataLoader workers; synthetic images are pre-rendered, so 0 is fastest
+    num_drawn: int = 4            # test samples drawn in tokens.png
+
+
+# ---------------------------------------------------------------------------------------------
+# small utilities: processes, logging, checkpoints
+
+class Run:
+    """Where this process stands: device, rank, and the log every rank-0 line goes to."""
+
+    def __init__(self, device_flag, out):
+        self.distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.device = pick_device(device_flag, int(os.environ.get("LOCAL_RANK", 0)))
+        if self.distributed:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+        self.out = Path(out)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def log(self, msg=""):
+        if self.main:
+            tqdm.write(msg)
+            with open(self.out / "train.log", "a") as f:
+                f.write(msg + "\n")
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def fail(msg):
+    """Stop with one clear line instead of a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(flag, local_rank=0):
+    if flag == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was requested but CUDA is not available on this machine "
+             f"(torch {torch.__version__}); run with --device cpu or --device auto")
+    if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file and rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not Path(path).is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, not torch's unpickling trace
+        fail(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {str(e)[:200]})")
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        fail(f"{path} is not a checkpoint of this version of train.py")
+    return ckpt
+
+
+def differences(saved: dict, current: dict):
+    """'dim: 96 in the checkpoint, 128 now; ...' for every key whose values differ."""
+    return "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+                     for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+def load_splits(cfg: TrainConfig, vcfg: VLTConfig):
+    if cfg.data == "synthetic":
+        return data.synthetic_splits(cfg.num_train, cfg.num_val, cfg.num_test, cfg.captions_per_image,
+                                     vcfg.image_size, vcfg.patch_size, seed=0)
+    if not cfg.coco_root:
+        fail("--data coco needs --coco-root DIR (get a subset with: python data.py download-coco --root DIR "
+             "--split val2017 --num-images 5000)")
+    anns = [a for a in cfg.coco_ann.split(",") if a]
+    try:
+        return data.coco_splits(cfg.coco_root, anns, vcfg.image_size, num_images=cfg.coco_num_images or None,
+                                val_fraction=cfg.coco_val_fraction, test_fraction=cfg.coco_test_fraction, seed=0)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
+class Collate:
+    """A list of samples -> one batch; captions become token ids here, in the loader's worker."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples):
+        ids, valid = self.tokenizer.encode([s["caption"] for s in samples])
+        return dict(images=torch.stack([s["image"] for s in samples]), ids=ids, valid=valid,
+                    image_ids=torch.tensor([s["image_id"] for s in samples]))
+
+
+def train_batches(cfg, run, dataset, tokenizer, step):
+    """Endless batches from `step` on, the same ones whether or not the run was interrupted:
+    DistributedSampler shards and shuffles each epoch by (seed, epoch); resuming skips what was done."""
+    sampler = DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    per_epoch = len(sampler) // cfg.batch_size
+    if per_epoch == 0:
+        fail(f"the training split has {len(dataset)} pairs, fewer than one batch of {cfg.batch_size} per process; "
+             "lower --batch-size or use more data")
+    epoch, skip = divmod(step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        idx = list(sampler)
+        batches = [idx[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(skip, per_epoch)]
+        # its own generator: a DataLoader otherwise draws a seed from the global RNG, and a resumed
+        # run, which builds its loader mid-epoch, would draw different hard negatives from then on
+        yield from DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(tokenizer),
+                              num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+        epoch, skip = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# training (SPEC section 4)
+
+class Objective(nn.Module):
+    """L = L_task + α L_align as one module, so that DistributedDataParallel sees every parameter."""
+
+    def __init__(self, model: VLT, madtp: MADTP = None):
+        super().__init__()
+        self.model, self.madtp = model, madtp
+
+    def forward(self, images, ids, valid, image_ids):
+        align = self.madtp is not None and self.madtp.cfg.method == "madtp"
+        trace = Trace(features=align)
+        hooks = self.madtp.hooks(trace) if self.madtp is not None else dense_hooks(trace)
+        loss, info = task_loss(self.model, images, ids, valid, image_ids, hooks)
+        parts = dict(task=loss.detach())
+        if align:
+            L_align = alignment_loss(trace.F["vision"], trace.F["text"])
+            loss = loss + self.madtp.cfg.alpha * L_align
+            parts["align"] = L_align.detach()
+        return loss, parts, trace, info["image_of_pair"]
+
+
+def realised_reduction(vcfg, trace, image_of_pair, text_tokens):
+    """1 - GFLOPs / dense GFLOPs of a training batch's true pairs (the first B fusion passes)."""
+    B = len(text_tokens)
+    g = gflops(vcfg, trace, image_tokens=trace.layers["vision"][-1]["n_out"][image_of_pair])
+    d = dense_gflops(vcfg, text_tokens)
+    pruned = g["vision"].sum() + g["text"].sum() + g["fusion"][:B].sum()
+    return 1 - pruned / sum(v.sum() for v in d.values())
+
+
+def lr_at(step, steps, peak, warmup):
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return peak * (step + 1) / w
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
+
+
+def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ckpt_base, path, target=None):
+    """The loop both stages share: AdamW, tqdm, atomic checkpoints every save_every steps and on
+    Ctrl-C, a stop on a non-finite loss that keeps the last good checkpoint, and (stage 2) the
+    controller that moves β after every step toward the ramped GFLOPs target."""
+    model, madtp = objective.model, objective.madtp
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=cfg.weight_decay)
+    step = 0
+    if "optimizer" in ckpt_base:  # resuming: the same state, batches and random draws as if never stopped
+        opt.load_state_dict(ckpt_base["optimizer"])
+        step = ckpt_base["step"]
+        torch.set_rng_state(ckpt_base["rng"])
+        if run.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt_base["cuda_rng"], run.device)
+    wrapped = nn.parallel.DistributedDataParallel(objective) if run.distributed else objective
+
+    def save(done):
+        ckpt = dict(ckpt_base, model=model.state_dict(), step=step, done=done, optimizer=opt.state_dict(),
+                    rng=torch.get_rng_state())
+        if run.device.type == "cuda":
+            ckpt["cuda_rng"] = torch.cuda.get_rng_state(run.device)
+        if madtp is not None:
+            ckpt.update(madtp=madtp.state_dict(), beta=float(madtp.beta))
+        if run.main:
+            save_checkpoint(path, ckpt)
+
+    dataset = data.PairDataset(splits["train"], train=True)
+    bar = tqdm(total=steps, initial=step, desc=name, disable=not run.main, dynamic_ncols=True)
+    batches = train_batches(cfg, run, dataset, tokenizer, step)
+    objective.train()
+    try:
+        while step < steps:
+            batch = {k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, peak_lr, cfg.warmup)
+            with run.autocast():
+                loss, parts, trace, image_of_pair = wrapped(**batch)
+            if not torch.isfinite(loss):  # stop before the update: the last checkpoint stays good
+                kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written yet"
+                run.log(f"{name}: the loss became {loss.item()} at step {step}; stopping ({kept}). "
+                        f"Try a lower learning rate.")
+                sys.exit(3)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            post = {k: f"{v.item():.3f}" for k, v in parts.items()}
+            if target is not None:
+                goal = target * min(1.0, step / max(1, cfg.ramp * steps))
+                r = realised_reduction(model.cfg, trace, image_of_pair, batch["valid"].sum(1)).to(run.device)
+                if run.distributed:  # every process moves β the same way
+                    dist.all_reduce(r)
+                    r = r / run.world
+                log_beta = madtp.beta.clamp_min(BETA_MIN).log() + cfg.beta_gain * (goal - r)
+                madtp.beta.copy_(log_beta.exp().clamp(BETA_MIN, BETA_MAX))
+                post.update(red=f"{r.item():.3f}", goal=f"{goal:.2f}", beta=f"{madtp.beta.item():.3f}")
+            bar.set_postfix(post)
+            bar.update()
+            if step % cfg.save_every == 0 and step < steps:
+                save(done=False)
+    except KeyboardInterrupt:
+        save(done=False)
+        run.log(f"\ninterrupted at step {step} of {name}; saved {path}. Continue with the same command and --resume.")
+        sys.exit(130)
+    bar.close()
+    save(done=True)
+    return objective
+
+
+def dense_identity(cfg, vcfg, tokenizer):
+    """What makes two dense checkpoints the same model: a reused one must match all of it."""
+    keys = ["data", "coco_root", "coco_ann", "coco_num_images", "seed", "batch_size", "num_train", "num_val",
+            "num_test", "captions_per_image", "dense_steps", "lr", "weight_decay", "warmup"]
+    return dict({k: getattr(cfg, k) for k in keys}, **asdict(vcfg), vocabulary_size=len(tokenizer),
+                vocabulary_hash=hash_words(tokenizer.state_dict()["vocab"]))
+
+
+def hash_words(words):
+    return hashlib.sha256("\n".join(words).encode()).hexdigest()[:16]
+
+
+def prepare_stage(cfg, run, path, identity, what):
+    """Load a stage's checkpoint if there is one: (checkpoint or None, done?). Refuse one from
+    another configuration, and an unfinished one unless --resume says to continue it."""
+    if not path.exists():
+        return None, False
+    ckpt = load_checkpoint(path)
+    diff = differences(ckpt["identity"], identity)
+    if diff:
+        fail(f"{path} holds a {what} from another configuration ({diff}); use another --out or delete the file")
+    if not ckpt["done"] and not run.resume:
+        fail(f"{path} holds an unfinished {what} (step {ckpt['step']}); continue it with --resume, "
+             f"or delete the file to start over")
+    return ckpt, ckpt["done"]
+
+
+def stage_dense(cfg, run, vcfg, splits, tokenizer):
+    """Stage 1: train the dense VLT on L_task, or reuse a finished matching checkpoint."""
+    path = run.out / "dense.pt"
+    identity = dense_identity(cfg, vcfg, tokenizer)
+    ckpt, done = prepare_stage(cfg, run, path, identity, "dense model")
+    torch.manual_seed(cfg.seed)
+    model = VLT(vcfg).to(run.device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    if done:
+        run.log(f"stage 1: {path} matches this configuration; skipping dense training")
+        return model
+    base = ckpt or dict(version=CHECKPOINT_VERSION, kind="dense", identity=identity, vlt_config=asdict(vcfg),
+                        train_config=asdict(cfg), tokenizer=tokenizer.state_dict())
+    run.log(f"stage 1: training the dense VLT for {cfg.dense_steps} steps -> {path}")
+    train_stage(cfg, run, "dense", Objective(model), cfg.dense_steps, cfg.lr, splits, tokenizer, base, path)
+    return model
+
+
+def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model):
+    """Stage 2: fine-tune a copy of the dense model with pruning to the target, then calibrate β on
+    the validation split (SPEC section 4)."""
+    mcfg = MADTPConfig(method=cfg.method, num_align_tokens=cfg.num_align_tokens, tau=cfg.tau, alpha=cfg.alpha)
+    path = run.out / f"{cfg.method}-{cfg.prune_ratio:.2f}.pt"
+    identity = dict(dense_identity(cfg, vcfg, tokenizer), method=cfg.method, prune_ratio=cfg.prune_ratio,
+                    prune_steps=cfg.prune_steps, prune_lr=cfg.prune_lr, ramp=cfg.ramp, beta_gain=cfg.beta_gain,
+                    **{f"madtp_{k}": v for k, v in asdict(mcfg).items()})
+    ckpt, done = prepare_stage(cfg, run, path, identity, "compressed model")
+    model = VLT(vcfg).to(run.device)
+    model.load_state_dict((ckpt or {}).get("model", dense_model.state_dict()))
+    torch.manual_seed(cfg.seed)
+    madtp = MADTP(mcfg, vcfg.dim).to(run.device)
+    # only MADTP trains T: the other methods use it for counts or thresholds, never with a gradient
+    madtp.T.requires_grad_(cfg.method == "madtp")
+    madtp.beta.fill_(BETA_INIT)
+    if ckpt is not None:
+        madtp.load_state_dict(ckpt["madtp"])
+    if done:
+        run.log(f"stage 2: {path} matches this configuration; skipping fine-tuning (β = {float(madtp.beta):.4f})")
+        return model, madtp
+    base = ckpt or dict(version=CHECKPOINT_VERSION, kind="compressed", identity=identity, vlt_config=asdict(vcfg),
+                        madtp_config=asdict(mcfg), train_config=asdict(cfg), tokenizer=tokenizer.state_dict(),
+                        tau=cfg.tau, target_reduction=cfg.prune_ratio)
+    run.log(f"stage 2: fine-tuning with {cfg.method} to a {cfg.prune_ratio:.0%} GFLOPs reduction "
+            f"for {cfg.prune_steps} steps -> {path}")
+    objective = Objective(model, madtp)
+    train_stage(cfg, run, cfg.method, objective, cfg.prune_steps, cfg.prune_lr, splits, tokenizer, base, path,
+                target=cfg.prune_ratio)
+    beta, reduction = calibrate(cfg, run, model, madtp, splits["val"], tokenizer)
+    madtp.beta.fill_(beta)
+    run.log(f"stage 2: β calibrated on the validation split: β = {beta:.4f}, reduction {reduction:.3f}")
+    if run.main:
+        ckpt = load_checkpoint(path)
+        ckpt.update(madtp=madtp.state_dict(), beta=beta, validation_reduction=reduction)
+        save_checkpoint(path, ckpt)
+    return model, madtp
+
+
+def calibrate(cfg, run, model, madtp, split, tokenizer):
+    """Freeze β for evaluation: bisect log β so that the validation split's mean GFLOPs per pair
+    is (1 - p) of dense. Token counts fall as β grows, so the search is well posed."""
+    enc = Encoder(cfg, run, model, madtp, tokenizer)
+    trained = math.log(float(madtp.beta))
+    lo = max(math.log(BETA_MIN), trained - math.log(CALIBRATION_SPAN))
+    hi = min(math.log(BETA_MAX), trained + math.log(CALIBRATION_SPAN))
+    best = (math.inf, None, None)
+    for _ in tqdm(range(CALIBRATION_STEPS), desc="calibrate β", disable=not run.main, leave=False):
+        mid = (lo + hi) / 2
+        madtp.beta.fill_(math.exp(mid))
+        r = enc.pair_stats(split)["gflops_reduction"]
+        best = min(best, (abs(r - cfg.prune_ratio), math.exp(mid), r))
+        lo, hi = (mid, hi) if r < cfg.prune_ratio else (lo, mid)
+    return best[1], best[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation (SPEC sections 5 and 6)
+
+class Encoder:
+    """Runs a model (dense when madtp is None) over a split one batch at a time and keeps each
+    sample's own valid tokens, so that re-batching (for fusion) cannot change any result."""
+
+    def __init__(self, cfg, run, model, madtp, tokenizer):
+        self.cfg, self.run, self.model, self.madtp, self.tokenizer = cfg, run, model.eval(), madtp, tokenizer
+
+    def hooks(self, trace):
+        return self.madtp.hooks(trace) if self.madtp is not None else dense_hooks(trace)
+
+    @torch.no_grad()
+    def images(self, split, positions=False):
+        out = dict(tokens=[], emb=[], gflops=[], kept=[], positions=[])
+        loader = DataLoader(data.ImageDataset(split), batch_size=self.cfg.eval_batch_size,
+                            num_workers=self.cfg.num_workers)
+        for batch in loader:
+            trace = Trace(positions=positions)
+            with self.run.autocast():
+                x, valid = self.model.encode_image(batch["image"].to(self.run.device), self.hooks(trace)["vision"])
+                emb = self.model.embed_image(x)
+            out["tokens"] += [t[v].float() for t, v in zip(x, valid)]
+            out["emb"].append(emb.float())
+            out["gflops"].append(gflops(self.model.cfg, trace)["vision"])
+            out["kept"].append(torch.stack([r["n_out"] for r in trace.layers["vision"]], 1))   # (B, L_v)
+            if positions:
+                out["positions"] += [[r["kept"][b] for r in trace.layers["vision"]] for b in range(len(x))]
+        return dict(out, emb=torch.cat(out["emb"]), gflops=torch.cat(out["gflops"]), kept=torch.cat(out["kept"]))
+
+    @torch.no_grad()
+    def texts(self, captions, positions=False):
+        out = dict(tokens=[], emb=[], gflops=[], kept=[], positions=[])
+        for i in range(0, len(captions), self.cfg.eval_batch_size):
+            ids, valid = self.tokenizer.encode(captions[i:i + self.cfg.eval_batch_size])
+            trace = Trace(positions=positions)
+            with self.run.autocast():
+                x, valid = self.model.encode_text(ids.to(self.run.device), valid.to(self.run.device),
+                                                  self.hooks(trace)["text"])
+                emb = self.model.embed_text(x)
+            out["tokens"] += [t[v].float() for t, v in zip(x, valid)]
+            out["emb"].append(emb.float())
+            out["gflops"].append(gflops(self.model.cfg, trace)["text"])
+            out["kept"].append(torch.stack([r["n_out"] for r in trace.layers["text"]], 1))     # (B, L_t)
+            if positions:
+                out["positions"] += [[r["kept"][b] for r in trace.layers["text"]] for b in range(len(x))]
+        return dict(out, emb=torch.cat(out["emb"]), gflops=torch.cat(out["gflops"]), kept=torch.cat(out["kept"]))
+
+    @torch.no_grad()
+    def fuse(self, text_tokens, image_tokens, pairs, positions=False):
+        """ITM logit (positive minus negative) and fusion GFLOPs for (caption c, image i) pairs."""
+        out = dict(score=[], gflops=[], kept=[], positions=[])
+        for i in range(0, len(pairs), self.cfg.eval_batch_size):
+            chunk = pairs[i:i + self.cfg.eval_batch_size]
+            t, t_valid = pad([text_tokens[c] for c, _ in chunk])
+            v, v_valid = pad([image_tokens[j] for _, j in chunk])
+            trace = Trace(positions=positions)
+            with self.run.autocast():
+                itm = self.model.fuse(t.to(self.run.device), t_valid.to(self.run.device), v.to(self.run.device),
+                                      v_valid.to(self.run.device), self.hooks(trace)["fusion"]).float()
+            out["score"].append(itm[:, 1] - itm[:, 0])
+            out["gflops"].append(gflops(self.model.cfg, trace, image_tokens=v_valid.sum(1).to(self.run.device))["fusion"])
+            out["kept"].append(torch.stack([r["n_out"] for r in trace.layers["fusion"]], 1))   # (B, L_f)
+            if positions:
+                out["positions"] += [[r["kept"][b] for r in trace.layers["fusion"]] for b in range(len(t))]
+        return dict(out, score=torch.cat(out["score"]), gflops=torch.cat(out["gflops"]), kept=torch.cat(out["kept"]))
+
+    def pair_stats(self, split):
+        """Mean GFLOPs per true pair and the reduction from dense, as the calibration needs them."""
+        imgs, txts = self.images(split), self.texts(split.captions)
+        pairs = list(enumerate(split.txt2img))
+        fus = self.fuse(txts["tokens"], imgs["tokens"], pairs)
+        return pair_gflops(self.model.cfg, split, self.tokenizer, imgs, txts, fus)
+
+
+def pad(tokens):
+    """A list of (n_b, D) token sets -> (B, N, D) zero-padded, valid (B, N)."""
+    N = max(len(t) for t in tokens)
+    x = torch.zeros(len(tokens), N, tokens[0].shape[-1], device=tokens[0].device)
+    valid = torch.zeros(len(tokens), N, dtype=torch.bool)
+    for b, t in enumerate(tokens):
+        x[b, : len(t)] = t
+        valid[b, : len(t)] = True
+    return x, valid
+
+
+def pair_gflops(vcfg, split, tokenizer, imgs, txts, fus):
+    """SPEC section 5: a pair costs its image through the vision encoder, its caption through the
+    text encoder and one fusion pass; averaged over the split's true pairs."""
+    img_of = torch.tensor(split.txt2img)
+    parts = dict(vision=imgs["gflops"].cpu()[img_of], text=txts["gflops"].cpu(), fusion=fus["gflops"].cpu())
+    text_tokens = tokenizer.encode(split.captions)[1].sum(1)
+    dense = dense_gflops(vcfg, text_tokens)
+    total, dense_total = sum(parts.values()), sum(dense.values())
+    return dict(gflops=total.mean().item(), gflops_dense=dense_total.mean().item(),
+                gflops_reduction=1 - total.mean().item() / dense_total.mean().item(),
+                **{f"gflops_{e}": parts[e].mean().item() for e in ENCODERS})
+
+
+def recalls(scores_i2t, split):
+    """BLIP's itm_eval: Recall@1/5/10 for image->text and text->image, and their mean r_mean."""
+    ranks_i = []
+    for i, row in enumerate(scores_i2t):
+        order = row.argsort(descending=True)
+        ranks_i.append(min((order == c).nonzero()[0, 0].item() for c in split.img2txt[i]))
+    ranks_t = []
+    for c, col in enumerate(scores_i2t.t()):
+        order = col.argsort(descending=True)
+        ranks_t.append((order == split.txt2img[c]).nonzero()[0, 0].item())
+    ranks_i, ranks_t = torch.tensor(ranks_i), torch.tensor(ranks_t)
+    r = {f"i2t_r{k}": 100 * (ranks_i < k).float().mean().item() for k in (1, 5, 10)}
+    r.update({f"t2i_r{k}": 100 * (ranks_t < k).float().mean().item() for k in (1, 5, 10)})
+    r["r_mean"] = sum(r.values()) / 6
+    return r
+
+
+@torch.no_grad()
+def evaluate(cfg, run, model, madtp, split, tokenizer, draw_to=None):
+    """Recalls with ITM re-ranking of the top-k ITC candidates, GFLOPs per pair, tokens kept per
+    layer (mean and spread over samples) and, on synthetic scenes, how many kept patches show an object."""
+    enc = Encoder(cfg, run, model, madtp, tokenizer)
+    synthetic = split.object_patches(0) is not None
+    imgs, txts = enc.images(split, positions=synthetic), enc.texts(split.captions, positions=synthetic)
+    sim = imgs["emb"] @ txts["emb"].t()                                              # (I, T)
+    k = min(cfg.itm_k, sim.shape[0], sim.shape[1])
+    top_t = sim.topk(k, dim=1).indices                                               # (I, k) captions per image
+    top_i = sim.topk(k, dim=0).indices.t()                                           # (T, k) images per caption
+    pairs = [(c.item(), i) for i in range(len(top_t)) for c in top_t[i]] + \
+            [(c, i.item()) for c in range(len(top_i)) for i in top_i[c]]
+    itm = enc.fuse(txts["tokens"], imgs["tokens"], pairs)["score"].cpu()
+    scores = torch.full_like(sim.cpu(), -1e4)                                        # (I, T)
+    n_i2t = len(top_t) * k
+    rows = torch.arange(len(top_t))[:, None].expand(-1, k)
+    scores[rows, top_t.cpu()] = itm[:n_i2t].view(-1, k) + sim.cpu()[rows, top_t.cpu()]
+    scores_t2i = torch.full_like(sim.cpu().t(), -1e4)                                # (T, I)
+    rows = torch.arange(len(top_i))[:, None].expand(-1, k)
+    scores_t2i[rows, top_i.cpu()] = itm[n_i2t:].view(-1, k) + sim.cpu().t()[rows, top_i.cpu()]
+    metrics = recalls(scores, split)
+    t2i = recalls(scores_t2i.t(), split)
+    metrics.update({key: t2i[key] for key in ("t2i_r1", "t2i_r5", "t2i_r10")})
+    metrics["r_mean"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)) / 6
+    fus = enc.fuse(txts["tokens"], imgs["tokens"], list(enumerate(split.txt2img)), positions=synthetic)
+    metrics.update(pair_gflops(model.cfg, split, tokenizer, imgs, txts, fus))
+    metrics["kept_tokens"] = {e: [[s.float().mean().item(), s.float().std().item()] for s in kept.cpu().t()]
+                              for e, kept in (("vision", imgs["kept"]), ("text", txts["kept"]), ("fusion", fus["kept"]))}
+    if synthetic:
+        metrics["object_share"] = object_share(split, imgs["positions"])
+        metrics["content_share"] = content_share(split, tokenizer, txts["positions"])
+    if draw_to is not None and synthetic and run.main:
+        draw_tokens(split, tokenizer, imgs, txts, fus, draw_to, cfg.num_drawn, model.cfg)
+    return metrics
+
+
+def object_share(split, positions):
+    """Per vision layer: the share of kept patch tokens (CLS and package tokens aside) that show an object,
+    and the same share over all patches for reference (what a random pruner would get)."""
+    layers = len(positions[0])
+    on, total = torch.zeros(layers), torch.zeros(layers)
+    for i, per_layer in enumerate(positions):
+        obj = split.object_patches(i)
+        for l, pos in enumerate(per_layer):
+            patch = pos[pos >= 1].cpu() - 1
+            on[l] += obj[patch].sum()
+            total[l] += len(patch)
+    base = torch.stack([split.object_patches(i).float().mean() for i in range(len(positions))]).mean()
+    return dict(per_layer=(on / total.clamp_min(1)).tolist(), all_patches=base.item())
+
+
+def content_share(split, tokenizer, positions):
+    """Per text layer: the share of kept word tokens that carry content (colour, shape, size, place)."""
+    layers = len(positions[0])
+    on, total = torch.zeros(layers), torch.zeros(layers)
+    for c, per_layer in enumerate(positions):
+        content = torch.tensor(split.content_words(c)[: tokenizer.max_len - 1] or [False])
+        for l, pos in enumerate(per_layer):
+            word = pos[pos >= 1].cpu() - 1
+            on[l] += content[word].sum()
+            total[l] += len(word)
+    return dict(per_layer=(on / total.clamp_min(1)).tolist())
+
+
+@torch.no_grad()
+def throughput(cfg, run, models, split, tokenizer, batch_size):
+    """Pairs per second of whole retrieval pairs (image + caption + fusion) for each of
+    models = {name: (model, madtp or None)}, at one batch size. The models take turns, round after
+    round, and each keeps its best round: on a shared machine that is the least disturbed one, and
+    turns make every ratio compare runs under the same conditions. Warm-up runs are discarded, the
+    device is synchronised, and a dense model runs without hooks at all."""
+    n = cfg.bench_pairs if batch_size == 1 else max(cfg.bench_pairs, 4 * batch_size)
+    c_of = [c % len(split.captions) for c in range(n)]
+    images = torch.stack([split.image(split.txt2img[c]) for c in c_of])
+    ids, valid = tokenizer.encode([split.captions[c] for c in c_of])
+    batches = []
+    for i in range(0, n, batch_size):
+        N = int(valid[i:i + batch_size].sum(1).max())   # each batch padded only to its own longest caption
+        batches.append([t[i:i + batch_size].to(run.device) for t in (images, ids[:, :N], valid[:, :N])])
+
+    def once(model, madtp, b):
+        with run.autocast():
+            model(*b, madtp.hooks(Trace()) if madtp is not None else None)
+
+    for model, madtp in models.values():
+        model.eval()
+        for b in batches[:WARMUP_RUNS]:
+            once(model, madtp, b)
+    best = {name: math.inf for name in models}
+    for _ in range(TIMING_REPEATS):
+        for name, (model, madtp) in models.items():
+            run.sync()
+            start = time.perf_counter()
+            for b in batches:
+                once(model, madtp, b)
+            run.sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: n / t for name, t in best.items()}
+
+
+def add_speed(cfg, run, rows, models, split, tokenizer):
+    """pairs/s at batch 1 and at the eval batch size, speedups over rows["dense"], and the ideal."""
+    for key, bs in (("pairs_per_s_batch1", 1), ("pairs_per_s_batch", cfg.eval_batch_size)):
+        for name, speed in throughput(cfg, run, models, split, tokenizer, bs).items():
+            rows[name][key] = speed
+    d = rows["dense"]
+    for m in rows.values():
+        m["speedup_batch1"] = m["pairs_per_s_batch1"] / d["pairs_per_s_batch1"]
+        m["speedup_batch"] = m["pairs_per_s_batch"] / d["pairs_per_s_batch"]
+        m["ideal_speedup"] = d["gflops"] / m["gflops"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens.png: what the pruner kept
+
+def draw_tokens(split, tokenizer, imgs, txts, fus, path, num, vcfg):
+    """For a few test samples: the image, then per vision layer the image with its pruned patches
+    dimmed; below, the caption once per text and fusion layer with the kept words boxed in green."""
+    from torchvision.io import write_png
+    from torchvision.utils import make_grid
+
+    scale, p = max(1, 192 // vcfg.image_size), vcfg.patch_size
+    grid = vcfg.image_size // p
+    rows = []
+    for i in range(min(num, split.num_images)):
+        img = (split.image(i) * torch.tensor(data.IMAGE_STD)[:, None, None] + torch.tensor(data.IMAGE_MEAN)[:, None, None])
+        img = (img.clamp(0, 1) * 255).to(torch.uint8)
+        panels = [img]
+        for pos in imgs["positions"][i]:
+            keep = torch.zeros(grid * grid, dtype=torch.bool)
+            keep[pos[pos >= 1].cpu() - 1] = True
+            mask = keep.view(grid, grid).repeat_interleave(p, 0).repeat_interleave(p, 1)
+            panels.append(torch.where(mask, img, img // 4))
+        panels = [c.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for c in panels]
+        c = split.img2txt[i][0]
+        words = tokenizer.words(split.captions[c])
+        strips = [word_strip(words, None, "caption")]
+        strips += [word_strip(words, pos, f"text {l + 1}") for l, pos in enumerate(txts["positions"][c])]
+        strips += [word_strip(words, pos, f"fusion {l + 1}") for l, pos in enumerate(fus["positions"][c])]
+        top = torch.cat(panels, dim=2)
+        W = max(top.shape[2], max(s.shape[2] for s in strips))
+        rows.append(torch.cat([pad_width(top, W)] + [pad_width(s, W) for s in strips], dim=1))
+    W = max(r.shape[2] for r in rows)
+    picture = make_grid([pad_width(r, W) for r in rows], nrow=1, padding=8, pad_value=255)
+    write_png(picture, str(path))
+
+
+WORD_W, WORD_H = 7, 16   # pixels per character and per line of the caption strips
+
+
+def word_strip(words, pos, label):
+    """One line: a label, then the caption's words; kept words (pos holds their index + 1) in green
+    boxes, pruned ones in grey. pos None: every word in plain black."""
+    from torchvision.utils import draw_bounding_boxes
+    kept = set((pos[pos >= 1].cpu() - 1).tolist()) if pos is not None else set(range(len(words)))
+    x, boxes, labels, colours = 0, [], [], []
+    for text, on in [(label + ":", None)] + [(w, j in kept) for j, w in enumerate(words)]:
+        w = WORD_W * len(text) + 6
+        boxes.append([x, 1, x + w - 2, WORD_H - 1])
+        labels.append(text)
+        colours.append("black" if on is None or pos is None else ("green" if on else "lightgray"))
+        x += w
+    canvas = torch.full((3, WORD_H, x), 255, dtype=torch.uint8)
+    return draw_bounding_boxes(canvas, torch.tensor(boxes), labels=labels, colors=colours, width=1)
+
+
+def pad_width(img, W):
+    return torch.cat([img, torch.full((3, img.shape[1], W - img.shape[2]), 255, dtype=torch.uint8)], dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the main job
+
+def report(cfg, run, vcfg, tokenizer, splits, dense, compressed, madtp):
+    """Stage 3: evaluate both models on the test split, time them, write metrics.json, print the table."""
+    test = splits["test"]
+    rows, models = {}, {}
+    for name, model, md in (("dense", dense, None), (f"{cfg.method} {cfg.prune_ratio:.0%}", compressed, madtp)):
+        run.log(f"stage 3: evaluating {name} on the test split ({test.num_images} images, {len(test.captions)} captions)")
+        m = evaluate(cfg, run, model, md, test, tokenizer, draw_to=run.out / "tokens.png" if md is not None else None)
+        if md is not None:
+            m.update(method=cfg.method, prune_ratio=cfg.prune_ratio, beta=float(md.beta), tau=md.cfg.tau)
+        rows[name], models[name] = m, (model, md)
+    run.log("stage 3: timing both models")
+    add_speed(cfg, run, rows, models, test, tokenizer)
+    (run.out / "metrics.json").write_text(json.dumps(rows, indent=2))
+    run.log(table(rows, cfg.eval_batch_size))
+    run.log(f"\nwrote {run.out / 'metrics.json'}, {run.out / 'tokens.png'}, {run.out / 'train.log'}")
+    return rows
+
+
+def table(rows, eval_bs):
+    """The result at a glance: accuracy, compute and speed of each model, then tokens per layer."""
+    head = (f"{'model':<16}{'r_mean':>7}{'i2t@1':>7}{'i2t@5':>7}{'i2t@10':>7}{'t2i@1':>7}{'t2i@5':>7}{'t2i@10':>7}"
+            f"{'GFLOPs':>9}{'vis':>8}{'txt':>8}{'fus':>8}{'reduct':>8}{'pairs/s@1':>10}{f'@{eval_bs}':>8}"
+            f"{'speedup@1':>10}{f'@{eval_bs}':>6}{'ideal':>7}")
+    lines = [head, "-" * len(head)]
+    for name, m in rows.items():
+        lines.append(f"{name:<16}{m['r_mean']:>7.1f}" + "".join(f"{m[k]:>7.1f}" for k in
+                     ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")) +
+                     f"{m['gflops']:>9.4f}{m['gflops_vision']:>8.4f}{m['gflops_text']:>8.4f}{m['gflops_fusion']:>8.4f}"
+                     f"{m['gflops_reduction']:>8.1%}{m['pairs_per_s_batch1']:>10.0f}{m['pairs_per_s_batch']:>8.0f}"
+                     f"{m['speedup_batch1']:>10.2f}{m['speedup_batch']:>6.2f}{m['ideal_speedup']:>7.2f}")
+    lines.append("\ntokens kept after each layer, mean ± std over test samples (CLS and package token included)")
+    for name, m in rows.items():
+        for e, per_layer in m["kept_tokens"].items():
+            lines.append(f"  {name:<16}{e:<8}" + "  ".join(f"{mu:5.1f}±{sd:<4.1f}" for mu, sd in per_layer))
+    for name, m in rows.items():
+        if "object_share" in m:
+            lines.append(f"  {name:<16}kept patches on objects per vision layer: "
+                         + " ".join(f"{s:.0%}" for s in m["object_share"]["per_layer"])
+                         + f" (all patches: {m['object_share']['all_patches']:.0%})")
+    return "\n".join(lines)
+
+
+def build(cfg: TrainConfig, run):
+    """Data, tokenizer and model config for a training configuration."""
+    preset = PRESETS[cfg.preset]
+    vcfg = VLTConfig(**preset["model"])
+    splits = load_splits(cfg, vcfg)
+    tokenizer = data.Tokenizer.build(splits["train"].captions, vcfg.max_text_len)
+    vcfg = replace(vcfg, vocab_size=len(tokenizer))
+    return vcfg, splits, tokenizer
+
+
+def main_job(cfg, run):
+    run.log(f"config: {json.dumps(asdict(cfg))}")
+    vcfg, splits, tokenizer = build(cfg, run)
+    run.log(f"model: {json.dumps(asdict(vcfg))}")
+    run.log(f"data: {cfg.data}, {len(splits['train'].captions)} training pairs, "
+            f"{splits['val'].num_images} validation and {splits['test'].num_images} test images; device {run.device}")
+    dense = stage_dense(cfg, run, vcfg, splits, tokenizer)
+    compressed, madtp = stage_compress(cfg, run, vcfg, splits, tokenizer, dense)
+    if run.main:
+        report(cfg, run, vcfg, tokenizer, splits, dense, compressed, madtp)
+
+
+def eval_only(cfg, run, path):
+    """Re-evaluate one checkpoint on the test split of the data it was trained on."""
+    ckpt = load_checkpoint(path)
+    saved = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
+    cfg = replace(saved, eval_batch_size=cfg.eval_batch_size, device=cfg.device, out=cfg.out,
+                  coco_root=cfg.coco_root or saved.coco_root, num_workers=cfg.num_workers)
+    vcfg = VLTConfig(**ckpt["vlt_config"])
+    splits = load_splits(cfg, vcfg)
+    tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
+    model = VLT(vcfg).to(run.device)
+    model.load_state_dict(ckpt["model"])
+    madtp = None
+    if ckpt["kind"] == "compressed":
+        madtp = MADTP(MADTPConfig(**ckpt["madtp_config"]), vcfg.dim).to(run.device)
+        madtp.load_state_dict(ckpt["madtp"])
+    m = evaluate(cfg, run, model, madtp, splits["test"], tokenizer)
+    rows = dict(dense=dict(gflops=m["gflops_dense"]), model=m)   # the same network unpruned, for speedups
+    add_speed(cfg, run, rows, dict(dense=(model, None), model=(model, madtp)), splits["test"], tokenizer)
+    if madtp is not None:
+        m.update(method=madtp.cfg.method, beta=float(madtp.beta), tau=madtp.cfg.tau)
+    out = run.out / f"eval-{Path(path).stem}.json"
+    out.write_text(json.dumps(m, indent=2))
+    run.log(f"{path}: r_mean {m['r_mean']:.2f}, GFLOPs per pair {m['gflops']:.4f} "
+            f"(reduction {m['gflops_reduction']:.1%}), pairs/s {m['pairs_per_s_batch1']:.0f} at batch 1, "
+            f"{m['pairs_per_s_batch']:.0f} at batch {cfg.eval_batch_size}; wrote {out}")
+    return m
+
+
+def parse_list(text, kind, flag):
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} takes a comma-separated list like 0.5,0.7,0.8 or 0,1,2, got {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the comparison behind the README's results table (SPEC section 7)
+
+def compare(cfg, run, ratios, seeds):
+    """One dense model (trained with --seed), then every method at every reduction fine-tuned from
+    it with the same steps, once per fine-tuning seed, all evaluated on the test split; writes
+    results.json and results.md. Finished checkpoints and their evaluations are reused, so an
+    interrupted comparison continues where it stopped, and seeds can run as separate processes."""
+    if run.distributed:
+        fail("--compare runs in one process; start it without torchrun")
+    vcfg, splits, tokenizer = build(cfg, run)
+    test, base = splits["test"], run.out
+    dense = stage_dense(cfg, run, vcfg, splits, tokenizer)
+    rows = []
+    for seed in seeds:
+        run.out = base / f"seed{seed}"
+        run.out.mkdir(parents=True, exist_ok=True)
+        scfg = replace(cfg, seed=seed)
+        seed_rows, models = {}, {}
+        for p in [0.0] + ratios:
+            for method in (["dense"] if p == 0 else METHODS):
+                mcfg = replace(scfg, method=method if p else cfg.method, prune_ratio=p)
+                model, madtp = (dense, None) if p == 0 else stage_compress(mcfg, run, vcfg, splits, tokenizer, dense)
+                cache = (run.out / f"{method}-{p:.2f}.eval.json") if p else (base / "dense.eval.json")
+                if cache.exists():   # accuracy and GFLOPs of a finished checkpoint never change
+                    m = json.loads(cache.read_text())
+                else:
+                    run.log(f"evaluating {method} at {p:.0%} (seed {seed}) on the test split")
+                    m = evaluate(mcfg, run, model, madtp, test, tokenizer)
+                    cache.write_text(json.dumps(m))
+                name = "dense" if p == 0 else f"{method} {p:.2f}"
+                seed_rows[name], models[name] = dict(m, seed=seed, method=method, target=p), (model, madtp)
+        # timings are always taken anew, all models of a seed in turns, so every ratio is of one run
+        run.log(f"timing {len(models)} models (seed {seed})")
+        add_speed(cfg, run, seed_rows, models, test, tokenizer)
+        for m in seed_rows.values():
+            m["drop"] = seed_rows["dense"]["r_mean"] - m["r_mean"]
+        rows += seed_rows.values()
+    run.out = base
+    summary = summarise(rows)
+    (base / "results.json").write_text(json.dumps(dict(rows=rows, summary=summary, seeds=seeds, ratios=ratios,
+                                                       config=asdict(cfg), model=asdict(vcfg)), indent=2))
+    md = results_table(summary, seeds, cfg.eval_batch_size)
+    (base / "results.md").write_text(md + "\n")
+    run.log(md)
+    run.log(f"\nwrote {base / 'results.md'} and {base / 'results.json'}")
+    return summary
+
+
+def summarise(rows):
+    """Mean and standard deviation over seeds of every number, per (method, target)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["method"]), []).append(r)
+    out = []
+    for (target, method), rs in groups.items():
+        def stat(get):
+            v = torch.tensor([float(get(r)) for r in rs])
+            return [v.mean().item(), v.std().item() if len(v) > 1 else 0.0]
+        row = dict(method=method, target=target, seeds=len(rs))
+        for key in ("gflops_reduction", "gflops", "r_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
+                    "t2i_r10", "drop", "pairs_per_s_batch1", "pairs_per_s_batch", "speedup_batch1",
+                    "speedup_batch", "ideal_speedup"):
+            row[key] = stat(lambda r: r[key])
+        for e in ENCODERS:   # tokens kept per layer, averaged over the encoder's layers
+            row[f"kept_{e}"] = stat(lambda r: sum(mu for mu, _ in r["kept_tokens"][e]) / len(r["kept_tokens"][e]))
+        if "object_share" in rs[0]:
+            row["object_share"] = stat(lambda r: sum(r["object_share"]["per_layer"]) / len(r["object_share"]["per_layer"]))
+        out.append(row)
+    return out
+
+
+def results_table(summary, seeds, eval_bs):
+    """results.md: one row per (method, target GFLOPs reduction); ± is the spread over seeds."""
+    pm = (lambda v, f: f"{v[0]:{f}} ± {v[1]:{f}}") if len(seeds) > 1 else (lambda v, f: f"{v[0]:{f}}")
+    cols = ["method", "target", "reduction", "GFLOPs/pair", "r_mean", "drop", "i2t R@1/5/10", "t2i R@1/5/10",
+            "kept v/t/f", "on objects", f"pairs/s @1 / @{eval_bs}", f"speedup @1 / @{eval_bs}", "ideal",
+            f"measured/ideal @{eval_bs}"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in summary:
+        lines.append("| " + " | ".join([
+            r["method"], f"{r['target']:.0%}", pm([100 * x for x in r["gflops_reduction"]], ".1f") + "%",
+            f"{r['gflops'][0]:.4f}", pm(r["r_mean"], ".1f"), pm(r["drop"], ".1f"),
+            "/".join(f"{r[f'i2t_r{k}'][0]:.1f}" for k in (1, 5, 10)),
+            "/".join(f"{r[f't2i_r{k}'][0]:.1f}" for k in (1, 5, 10)),
+            "/".join(f"{r[f'kept_{e}'][0]:.1f}" for e in ENCODERS),
+            f"{r['object_share'][0]:.0%}" if "object_share" in r else "-",
+            f"{r['pairs_per_s_batch1'][0]:.0f} / {r['pairs_per_s_batch'][0]:.0f}",
+            f"{r['speedup_batch1'][0]:.2f} / {r['speedup_batch'][0]:.2f}", f"{r['ideal_speedup'][0]:.2f}",
+            f"{r['speedup_batch'][0] / r['ideal_speedup'][0]:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data", choices=["synthetic", "coco"])
+    p.add_argument("--coco-root")
+    p.add_argument("--coco-ann", help="caption json file(s), comma-separated (official COCO or Karpathy format)")
+    p.add_argument("--coco-num-images", type=int)
+    p.add_argument("--preset", choices=list(PRESETS), default=None)
+    p.add_argument("--method", choices=["madtp", "dtp-no-mag", "cls-static", "random"])
+    p.add_argument("--prune-ratio", type=float, help="target GFLOPs reduction p, e.g. 0.5")
+    p.add_argument("--out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--eval-only", metavar="CKPT", help="re-evaluate a checkpoint on its test split")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dense-steps", type=int)
+    p.add_argument("--prune-steps", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--save-every", type=int, help="steps between checkpoints")
+    p.add_argument("--compare", metavar="P,P,...", help="fine-tune every method at each reduction (results.md)")
+    p.add_argument("--seeds", metavar="S,S,...", help="with --compare: seeds to average over")
+    args = p.parse_args(argv)
+    preset = args.preset or ("coco" if args.data == "coco" else "default")
+    values = dict(PRESETS[preset], preset=preset)
+    values.pop("model")
+    if preset == "coco":
+        values["data"] = "coco"
+    values["out"] = f"runs/{preset}"
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    cfg = TrainConfig(**values)
+    if not 0 <= cfg.prune_ratio < 1:
+        p.error(f"--prune-ratio must lie in [0, 1), got {cfg.prune_ratio}")
+    return cfg, args
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    run = Run(cfg.device, cfg.out)
+    run.resume = args.resume
+    try:
+        if args.eval_only:
+            eval_only(cfg, run, args.eval_only)
+        elif args.compare:
+            compare(cfg, run, parse_list(args.compare, float, "--compare"),
+                    parse_list(args.seeds or str(cfg.seed), int, "--seeds"))
+        else:
+            main_job(cfg, run)
+    finally:
+        if run.distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
