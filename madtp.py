@@ -173,11 +173,14 @@ def prune_tokens(x, keep, S, valid):
 
 class Trace:
     """What one forward pass did, per encoder: for each layer the per-sample token counts (CLS
-    included) before and after pruning and the MACs MADTP itself spent; optionally which original
-    tokens each layer kept; and MAG's concept features F summed over layers."""
+    included) before and after pruning and what MADTP computed on top (for its GFLOPs); optionally
+    which original tokens each layer kept; and MAG's concept features F summed over layers.
 
-    def __init__(self, features: bool = False, positions: bool = False):
-        self.features, self.positions = features, positions
+    start: {encoder: (B, N) original index of each input slot, -1 for none}, for an encoder whose
+    input is not a raw sequence, e.g. a fusion pass over text tokens stored after the text encoder."""
+
+    def __init__(self, features: bool = False, positions: bool = False, start=None):
+        self.features, self.positions, self.start = features, positions, start or {}
         self.layers = {e: [] for e in ENCODERS}   # encoder -> [dict(n_in, n_out, ...[, kept])]
         self.F = {}                                # encoder -> (B, M, D), summed over layers
         self._pos = {}                             # encoder -> (B, N) original index per slot
@@ -197,9 +200,10 @@ class Trace:
         or padding. The fusion encoder's text tokens continue the text encoder's numbering."""
         B, N = valid_in.shape
         if encoder not in self._pos:
-            start = self._pos.get("text") if encoder == "fusion" else None
-            self._pos[encoder] = start if start is not None else \
-                torch.arange(N, device=valid_in.device).expand(B, N).masked_fill(~valid_in, -1)
+            if encoder == "fusion" and "text" in self._pos:   # one forward: text, then fusion
+                self.start.setdefault("fusion", self._pos["text"])
+            self._pos[encoder] = self.start.get(encoder, torch.arange(N, device=valid_in.device)
+                                                .expand(B, N).masked_fill(~valid_in, -1))
         pos = self._pos[encoder]
         if idx is None:
             return pos
@@ -243,6 +247,7 @@ class MADTP(nn.Module):
         return prune
 
     def prune_layer(self, encoder, layer, x_in, x, valid, A, trace):
+        """SPEC section 3 in one layer: scores S, threshold θ, keep S > βθ, package the rest."""
         cfg = self.cfg
         X, v = x_in[:, 1:], valid[:, 1:]           # (B, n, D), (B, n): MAG reads the layer's input
         S_cls = cls_score(A, v)
@@ -252,11 +257,11 @@ class MADTP(nn.Module):
             keep = top_k_mask(S, v, static_keep_count(v.sum(dim=1), self.beta))
         else:
             a = mag_logits(X, self.T, v)
-            P = concept_attention(a)
             S_self = self_score(A, v)
             if cfg.method == "dtp-no-mag":
                 S = (S_cls + S_self) / 2
             else:
+                P = concept_attention(a)
                 S = (S_cls + S_self + mag_score(P, v)) / 3
             theta = threshold(a, S, cfg.tau)
             keep = keep_mask(S, theta, self.beta, v)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
@@ -83,7 +84,7 @@ class TrainConfig:
     prune_steps: int = 300        # optimiser steps of stage 2 (every method gets the same)
     ramp: float = 0.4             # share of stage 2 over which the GFLOPs target rises from 0 to p
     lr: float = 5e-4              # AdamW peak learning rate, stage 1
-    prune_lr: float = 1e-4        # AdamW peak learning rate, stage 2 (fine-tuning)
+    prune_lr: float = 5e-4        # AdamW peak learning rate, stage 2: as stage 1 (1e-4 recovered 4-5 points less)
     weight_decay: float = 0.05    # AdamW, as BLIP
     warmup: float = 0.05          # share of each stage with a linear learning-rate warm-up
     grad_clip: float = 1.0        # max gradient norm
@@ -151,6 +152,13 @@ def save_checkpoint(path, ckpt):
     """Write to a temporary file and rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = Path(str(path) + ".tmp")
     torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Atomically, like the checkpoints: comparison processes may read what another one writes."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
 
@@ -302,6 +310,7 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
                 loss, parts, trace, image_of_pair = wrapped(**batch)
             if not torch.isfinite(loss):  # stop before the update: the last checkpoint stays good
                 kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written yet"
+                bar.close()
                 run.log(f"{name}: the loss became {loss.item()} at step {step}; stopping ({kept}). "
                         f"Try a lower learning rate.")
                 sys.exit(3)
@@ -325,6 +334,7 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
             if step % cfg.save_every == 0 and step < steps:
                 save(done=False)
     except KeyboardInterrupt:
+        bar.close()
         save(done=False)
         run.log(f"\ninterrupted at step {step} of {name}; saved {path}. Continue with the same command and --resume.")
         sys.exit(130)
@@ -397,23 +407,23 @@ def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model):
     madtp.beta.fill_(BETA_INIT)
     if ckpt is not None:
         madtp.load_state_dict(ckpt["madtp"])
-    if done:
+    if done and ckpt.get("calibrated"):
         run.log(f"stage 2: {path} matches this configuration; skipping fine-tuning (β = {float(madtp.beta):.4f})")
         return model, madtp
-    base = ckpt or dict(version=CHECKPOINT_VERSION, kind="compressed", identity=identity, vlt_config=asdict(vcfg),
-                        madtp_config=asdict(mcfg), train_config=asdict(cfg), tokenizer=tokenizer.state_dict(),
-                        tau=cfg.tau, target_reduction=cfg.prune_ratio)
-    run.log(f"stage 2: fine-tuning with {cfg.method} to a {cfg.prune_ratio:.0%} GFLOPs reduction "
-            f"for {cfg.prune_steps} steps -> {path}")
-    objective = Objective(model, madtp)
-    train_stage(cfg, run, cfg.method, objective, cfg.prune_steps, cfg.prune_lr, splits, tokenizer, base, path,
-                target=cfg.prune_ratio)
+    if not done:
+        base = ckpt or dict(version=CHECKPOINT_VERSION, kind="compressed", identity=identity, vlt_config=asdict(vcfg),
+                            madtp_config=asdict(mcfg), train_config=asdict(cfg), tokenizer=tokenizer.state_dict(),
+                            tau=cfg.tau, target_reduction=cfg.prune_ratio)
+        run.log(f"stage 2: fine-tuning with {cfg.method} to a {cfg.prune_ratio:.0%} GFLOPs reduction "
+                f"for {cfg.prune_steps} steps -> {path}")
+        train_stage(cfg, run, cfg.method, Objective(model, madtp), cfg.prune_steps, cfg.prune_lr, splits, tokenizer,
+                    base, path, target=cfg.prune_ratio)
     beta, reduction = calibrate(cfg, run, model, madtp, splits["val"], tokenizer)
     madtp.beta.fill_(beta)
     run.log(f"stage 2: β calibrated on the validation split: β = {beta:.4f}, reduction {reduction:.3f}")
     if run.main:
         ckpt = load_checkpoint(path)
-        ckpt.update(madtp=madtp.state_dict(), beta=beta, validation_reduction=reduction)
+        ckpt.update(madtp=madtp.state_dict(), beta=beta, validation_reduction=reduction, calibrated=True)
         save_checkpoint(path, ckpt)
     return model, madtp
 
@@ -468,7 +478,7 @@ class Encoder:
 
     @torch.no_grad()
     def texts(self, captions, positions=False):
-        out = dict(tokens=[], emb=[], gflops=[], kept=[], positions=[])
+        out = dict(tokens=[], emb=[], gflops=[], kept=[], positions=[], slots=[])
         for i in range(0, len(captions), self.cfg.eval_batch_size):
             ids, valid = self.tokenizer.encode(captions[i:i + self.cfg.eval_batch_size])
             trace = Trace(positions=positions)
@@ -482,24 +492,32 @@ class Encoder:
             out["kept"].append(torch.stack([r["n_out"] for r in trace.layers["text"]], 1))     # (B, L_t)
             if positions:
                 out["positions"] += [[r["kept"][b] for r in trace.layers["text"]] for b in range(len(x))]
+                # the word each stored token started as, so that fusion's choices map back to words
+                out["slots"] += [trace.layers["text"][-1]["kept"][b][valid[b]] for b in range(len(x))]
         return dict(out, emb=torch.cat(out["emb"]), gflops=torch.cat(out["gflops"]), kept=torch.cat(out["kept"]))
 
     @torch.no_grad()
-    def fuse(self, text_tokens, image_tokens, pairs, positions=False):
-        """ITM logit (positive minus negative) and fusion GFLOPs for (caption c, image i) pairs."""
+    def fuse(self, text_tokens, image_tokens, pairs, slots=None):
+        """ITM logit (positive minus negative) and fusion GFLOPs for (caption c, image i) pairs;
+        with slots (the texts' "slots"), also which words each fusion layer kept."""
         out = dict(score=[], gflops=[], kept=[], positions=[])
         for i in range(0, len(pairs), self.cfg.eval_batch_size):
             chunk = pairs[i:i + self.cfg.eval_batch_size]
             t, t_valid = pad([text_tokens[c] for c, _ in chunk])
             v, v_valid = pad([image_tokens[j] for _, j in chunk])
-            trace = Trace(positions=positions)
+            trace = Trace()
+            if slots is not None:
+                start = torch.full(t_valid.shape, -1, dtype=torch.long, device=self.run.device)    # (B, N)
+                for b, (c, _) in enumerate(chunk):
+                    start[b, : len(slots[c])] = slots[c]
+                trace = Trace(positions=True, start=dict(fusion=start))
             with self.run.autocast():
                 itm = self.model.fuse(t.to(self.run.device), t_valid.to(self.run.device), v.to(self.run.device),
                                       v_valid.to(self.run.device), self.hooks(trace)["fusion"]).float()
             out["score"].append(itm[:, 1] - itm[:, 0])
             out["gflops"].append(gflops(self.model.cfg, trace, image_tokens=v_valid.sum(1).to(self.run.device))["fusion"])
             out["kept"].append(torch.stack([r["n_out"] for r in trace.layers["fusion"]], 1))   # (B, L_f)
-            if positions:
+            if slots is not None:
                 out["positions"] += [[r["kept"][b] for r in trace.layers["fusion"]] for b in range(len(t))]
         return dict(out, score=torch.cat(out["score"]), gflops=torch.cat(out["gflops"]), kept=torch.cat(out["kept"]))
 
@@ -577,7 +595,8 @@ def evaluate(cfg, run, model, madtp, split, tokenizer, draw_to=None):
     t2i = recalls(scores_t2i.t(), split)
     metrics.update({key: t2i[key] for key in ("t2i_r1", "t2i_r5", "t2i_r10")})
     metrics["r_mean"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)) / 6
-    fus = enc.fuse(txts["tokens"], imgs["tokens"], list(enumerate(split.txt2img)), positions=synthetic)
+    fus = enc.fuse(txts["tokens"], imgs["tokens"], list(enumerate(split.txt2img)),
+                   slots=txts["slots"] if synthetic else None)
     metrics.update(pair_gflops(model.cfg, split, tokenizer, imgs, txts, fus))
     metrics["kept_tokens"] = {e: [[s.float().mean().item(), s.float().std().item()] for s in kept.cpu().t()]
                               for e, kept in (("vision", imgs["kept"]), ("text", txts["kept"]), ("fusion", fus["kept"]))}
@@ -617,47 +636,68 @@ def content_share(split, tokenizer, positions):
     return dict(per_layer=(on / total.clamp_min(1)).tolist())
 
 
-@torch.no_grad()
-def throughput(cfg, run, models, split, tokenizer, batch_size):
-    """Pairs per second of whole retrieval pairs (image + caption + fusion) for each of
-    models = {name: (model, madtp or None)}, at one batch size. The models take turns, round after
-    round, and each keeps its best round: on a shared machine that is the least disturbed one, and
-    turns make every ratio compare runs under the same conditions. Warm-up runs are discarded, the
-    device is synchronised, and a dense model runs without hooks at all."""
+def bench_batches(cfg, run, split, tokenizer, batch_size):
+    """The pairs every model is timed on: test pairs in order, each batch padded only to its own
+    longest caption."""
     n = cfg.bench_pairs if batch_size == 1 else max(cfg.bench_pairs, 4 * batch_size)
     c_of = [c % len(split.captions) for c in range(n)]
     images = torch.stack([split.image(split.txt2img[c]) for c in c_of])
     ids, valid = tokenizer.encode([split.captions[c] for c in c_of])
     batches = []
     for i in range(0, n, batch_size):
-        N = int(valid[i:i + batch_size].sum(1).max())   # each batch padded only to its own longest caption
+        N = int(valid[i:i + batch_size].sum(1).max())
         batches.append([t[i:i + batch_size].to(run.device) for t in (images, ids[:, :N], valid[:, :N])])
+    return batches
 
-    def once(model, madtp, b):
-        with run.autocast():
-            model(*b, madtp.hooks(Trace()) if madtp is not None else None)
 
+def pair_forward(run, model, madtp, batch):
+    with run.autocast():
+        return model(*batch, madtp.hooks(Trace()) if madtp is not None else None)
+
+
+@torch.no_grad()
+def throughput(run, models, batches):
+    """Pairs per second of whole retrieval pairs (image + caption + fusion) for each of
+    models = {name: (model, madtp or None)}. The models take turns, round after round, and each
+    keeps its best round: on a shared machine that is the least disturbed one, and turns make every
+    ratio compare runs under the same conditions. Warm-up runs are discarded, the device is
+    synchronised, and a dense model runs without hooks at all."""
     for model, madtp in models.values():
         model.eval()
         for b in batches[:WARMUP_RUNS]:
-            once(model, madtp, b)
+            pair_forward(run, model, madtp, b)
     best = {name: math.inf for name in models}
     for _ in range(TIMING_REPEATS):
         for name, (model, madtp) in models.items():
             run.sync()
             start = time.perf_counter()
             for b in batches:
-                once(model, madtp, b)
+                pair_forward(run, model, madtp, b)
             run.sync()
             best[name] = min(best[name], time.perf_counter() - start)
+    n = sum(len(b[0]) for b in batches)
     return {name: n / t for name, t in best.items()}
 
 
+@torch.no_grad()
+def executed_gflops(run, model, madtp, batches):
+    """What padded batches actually executed, per pair, as torch.utils.flop_counter counts it (/ 2:
+    MACs). Above the per-sample count where attention runs over padding (SPEC section 5)."""
+    with FlopCounterMode(display=False) as counter:
+        for b in batches:
+            pair_forward(run, model, madtp, b)
+    return counter.get_total_flops() / 2 / 1e9 / sum(len(b[0]) for b in batches)
+
+
 def add_speed(cfg, run, rows, models, split, tokenizer):
-    """pairs/s at batch 1 and at the eval batch size, speedups over rows["dense"], and the ideal."""
+    """pairs/s at batch 1 and at the eval batch size, speedups over rows["dense"], the ideal
+    speedup (dense GFLOPs / GFLOPs), and the GFLOPs per pair a padded batch really executed."""
     for key, bs in (("pairs_per_s_batch1", 1), ("pairs_per_s_batch", cfg.eval_batch_size)):
-        for name, speed in throughput(cfg, run, models, split, tokenizer, bs).items():
+        batches = bench_batches(cfg, run, split, tokenizer, bs)
+        for name, speed in throughput(run, models, batches).items():
             rows[name][key] = speed
+    for name, (model, madtp) in models.items():
+        rows[name]["gflops_executed_batch"] = executed_gflops(run, model, madtp, batches)
     d = rows["dense"]
     for m in rows.values():
         m["speedup_batch1"] = m["pairs_per_s_batch1"] / d["pairs_per_s_batch1"]
@@ -738,7 +778,7 @@ def report(cfg, run, vcfg, tokenizer, splits, dense, compressed, madtp):
         rows[name], models[name] = m, (model, md)
     run.log("stage 3: timing both models")
     add_speed(cfg, run, rows, models, test, tokenizer)
-    (run.out / "metrics.json").write_text(json.dumps(rows, indent=2))
+    write_json(run.out / "metrics.json", rows)
     run.log(table(rows, cfg.eval_batch_size))
     run.log(f"\nwrote {run.out / 'metrics.json'}, {run.out / 'tokens.png'}, {run.out / 'train.log'}")
     return rows
@@ -747,15 +787,18 @@ def report(cfg, run, vcfg, tokenizer, splits, dense, compressed, madtp):
 def table(rows, eval_bs):
     """The result at a glance: accuracy, compute and speed of each model, then tokens per layer."""
     head = (f"{'model':<16}{'r_mean':>7}{'i2t@1':>7}{'i2t@5':>7}{'i2t@10':>7}{'t2i@1':>7}{'t2i@5':>7}{'t2i@10':>7}"
-            f"{'GFLOPs':>9}{'vis':>8}{'txt':>8}{'fus':>8}{'reduct':>8}{'pairs/s@1':>10}{f'@{eval_bs}':>8}"
+            f"{'GFLOPs':>9}{'vis':>8}{'txt':>8}{'fus':>8}{'reduct':>8}{f'exec@{eval_bs}':>9}{'pairs/s@1':>10}{f'@{eval_bs}':>8}"
             f"{'speedup@1':>10}{f'@{eval_bs}':>6}{'ideal':>7}")
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
         lines.append(f"{name:<16}{m['r_mean']:>7.1f}" + "".join(f"{m[k]:>7.1f}" for k in
                      ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")) +
                      f"{m['gflops']:>9.4f}{m['gflops_vision']:>8.4f}{m['gflops_text']:>8.4f}{m['gflops_fusion']:>8.4f}"
-                     f"{m['gflops_reduction']:>8.1%}{m['pairs_per_s_batch1']:>10.0f}{m['pairs_per_s_batch']:>8.0f}"
+                     f"{m['gflops_reduction']:>8.1%}{m['gflops_executed_batch']:>9.4f}"
+                     f"{m['pairs_per_s_batch1']:>10.0f}{m['pairs_per_s_batch']:>8.0f}"
                      f"{m['speedup_batch1']:>10.2f}{m['speedup_batch']:>6.2f}{m['ideal_speedup']:>7.2f}")
+    lines.append(f"GFLOPs: per pair, each sample at its own token counts (MACs, fvcore's convention); exec@{eval_bs}: "
+                 f"what padded batches of {eval_bs} really executed per pair (torch.utils.flop_counter / 2)")
     lines.append("\ntokens kept after each layer, mean ± std over test samples (CLS and package token included)")
     for name, m in rows.items():
         for e, per_layer in m["kept_tokens"].items():
@@ -811,7 +854,7 @@ def eval_only(cfg, run, path):
     if madtp is not None:
         m.update(method=madtp.cfg.method, beta=float(madtp.beta), tau=madtp.cfg.tau)
     out = run.out / f"eval-{Path(path).stem}.json"
-    out.write_text(json.dumps(m, indent=2))
+    write_json(out, m)
     run.log(f"{path}: r_mean {m['r_mean']:.2f}, GFLOPs per pair {m['gflops']:.4f} "
             f"(reduction {m['gflops_reduction']:.1%}), pairs/s {m['pairs_per_s_batch1']:.0f} at batch 1, "
             f"{m['pairs_per_s_batch']:.0f} at batch {cfg.eval_batch_size}; wrote {out}")
@@ -854,7 +897,7 @@ def compare(cfg, run, ratios, seeds):
                 else:
                     run.log(f"evaluating {method} at {p:.0%} (seed {seed}) on the test split")
                     m = evaluate(mcfg, run, model, madtp, test, tokenizer)
-                    cache.write_text(json.dumps(m))
+                    write_json(cache, m)
                 name = "dense" if p == 0 else f"{method} {p:.2f}"
                 seed_rows[name], models[name] = dict(m, seed=seed, method=method, target=p), (model, madtp)
         # timings are always taken anew, all models of a seed in turns, so every ratio is of one run
@@ -865,8 +908,8 @@ def compare(cfg, run, ratios, seeds):
         rows += seed_rows.values()
     run.out = base
     summary = summarise(rows)
-    (base / "results.json").write_text(json.dumps(dict(rows=rows, summary=summary, seeds=seeds, ratios=ratios,
-                                                       config=asdict(cfg), model=asdict(vcfg)), indent=2))
+    write_json(base / "results.json", dict(rows=rows, summary=summary, seeds=seeds, ratios=ratios,
+                                           config=asdict(cfg), model=asdict(vcfg)))
     md = results_table(summary, seeds, cfg.eval_batch_size)
     (base / "results.md").write_text(md + "\n")
     run.log(md)
@@ -886,7 +929,7 @@ def summarise(rows):
             return [v.mean().item(), v.std().item() if len(v) > 1 else 0.0]
         row = dict(method=method, target=target, seeds=len(rs))
         for key in ("gflops_reduction", "gflops", "r_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
-                    "t2i_r10", "drop", "pairs_per_s_batch1", "pairs_per_s_batch", "speedup_batch1",
+                    "t2i_r10", "drop", "gflops_executed_batch", "pairs_per_s_batch1", "pairs_per_s_batch", "speedup_batch1",
                     "speedup_batch", "ideal_speedup"):
             row[key] = stat(lambda r: r[key])
         for e in ENCODERS:   # tokens kept per layer, averaged over the encoder's layers
@@ -900,14 +943,15 @@ def summarise(rows):
 def results_table(summary, seeds, eval_bs):
     """results.md: one row per (method, target GFLOPs reduction); ± is the spread over seeds."""
     pm = (lambda v, f: f"{v[0]:{f}} ± {v[1]:{f}}") if len(seeds) > 1 else (lambda v, f: f"{v[0]:{f}}")
-    cols = ["method", "target", "reduction", "GFLOPs/pair", "r_mean", "drop", "i2t R@1/5/10", "t2i R@1/5/10",
+    cols = ["method", "target", "reduction", "GFLOPs/pair", f"executed @{eval_bs}", "r_mean", "drop",
+            "i2t R@1/5/10", "t2i R@1/5/10",
             "kept v/t/f", "on objects", f"pairs/s @1 / @{eval_bs}", f"speedup @1 / @{eval_bs}", "ideal",
             f"measured/ideal @{eval_bs}"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
         lines.append("| " + " | ".join([
             r["method"], f"{r['target']:.0%}", pm([100 * x for x in r["gflops_reduction"]], ".1f") + "%",
-            f"{r['gflops'][0]:.4f}", pm(r["r_mean"], ".1f"), pm(r["drop"], ".1f"),
+            f"{r['gflops'][0]:.4f}", f"{r['gflops_executed_batch'][0]:.4f}", pm(r["r_mean"], ".1f"), pm(r["drop"], ".1f"),
             "/".join(f"{r[f'i2t_r{k}'][0]:.1f}" for k in (1, 5, 10)),
             "/".join(f"{r[f't2i_r{k}'][0]:.1f}" for k in (1, 5, 10)),
             "/".join(f"{r[f'kept_{e}'][0]:.1f}" for e in ENCODERS),
@@ -935,6 +979,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--dense-steps", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate of dense training")
+    p.add_argument("--prune-lr", type=float, help="peak learning rate of compression fine-tuning")
     p.add_argument("--prune-steps", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--save-every", type=int, help="steps between checkpoints")
