@@ -241,10 +241,22 @@ class MADTP(nn.Module):
 
     def hook(self, encoder, trace: Trace):
         def prune(layer, x_in, x, valid, A):
-            if not self.prunes(encoder):
-                return count_only(trace, encoder)(layer, x_in, x, valid, A)
-            return self.prune_layer(encoder, layer, x_in, x, valid, A, trace)
+            if self.prunes(encoder):
+                return self.prune_layer(encoder, layer, x_in, x, valid, A, trace)
+            if self.aligns(encoder, trace):  # keeps every token, but still feeds L_align
+                v = valid[:, 1:]
+                self.add_features(encoder, concept_attention(mag_logits(x_in[:, 1:], self.T, v)), x_in[:, 1:], trace)
+            return count_only(trace, encoder)(layer, x_in, x, valid, A)
         return prune
+
+    def aligns(self, encoder, trace):
+        """MADTP's vision and text encoders feed L_align while training; fusion features never do (SPEC 3)."""
+        return trace.features and self.cfg.method == "madtp" and encoder != "fusion"
+
+    @staticmethod
+    def add_features(encoder, P, X, trace):
+        f = concept_features(P, X)
+        trace.F[encoder] = trace.F[encoder] + f if encoder in trace.F else f
 
     def prune_layer(self, encoder, layer, x_in, x, valid, A, trace):
         """SPEC section 3 in one layer: scores S, threshold θ, keep S > βθ, package the rest."""
@@ -269,9 +281,8 @@ class MADTP(nn.Module):
             if cfg.method == "random":              # MADTP's counts, random choice of tokens
                 S = normalise(random_scores(encoder, layer, v), v)
                 keep = top_k_mask(S, v, keep.sum(dim=1))
-            if trace.features and cfg.method == "madtp" and encoder != "fusion":
-                f = concept_features(P, X)          # fusion features stay out of L_align (SPEC 3)
-                trace.F[encoder] = trace.F[encoder] + f if encoder in trace.F else f
+            if self.aligns(encoder, trace):
+                self.add_features(encoder, P, X, trace)
                 features = True
         x, valid_out, idx = prune_tokens(x, keep, S, valid)
         trace.record(encoder, valid, valid_out, idx, (v & ~keep).any(dim=1), concepts, features)

@@ -214,6 +214,19 @@ def test_every_parameter_gets_a_finite_nonzero_gradient():
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
+@pytest.mark.parametrize("off", ENCODERS)
+def test_each_encoder_can_be_switched_off(off):
+    """A switched-off encoder keeps every token but still feeds L_align, so training still works."""
+    model, madtp = tiny_model(beta=1.0, **{f"prune_{off}": False})
+    trace = Trace(features=True)
+    loss, _ = task_loss(model.train(), images(4), *captions([3, 8, 5, 6]), torch.arange(4), madtp.hooks(trace))
+    (loss + madtp.cfg.alpha * alignment_loss(trace.F["vision"], trace.F["text"])).backward()
+    assert madtp.T.grad is not None and madtp.T.grad.abs().sum() > 0
+    for e in ENCODERS:
+        pruned = any((r["n_out"] < r["n_in"]).any() for r in trace.layers[e])
+        assert pruned == (e != off), e
+
+
 @pytest.mark.parametrize("beta", [None, 0.0, 1.0, 1.6])
 def test_analytic_gflops_match_flop_counter(beta):
     model, madtp = tiny_model(beta=beta or 0.0)

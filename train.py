@@ -68,6 +68,7 @@ class TrainConfig:
     coco_ann: str = ""            # comma-separated caption json files (official or Karpathy); "" = look in coco_root
     coco_num_images: int = 0      # use the first N images of the pooled annotations (0 = all)
     method: str = "madtp"         # madtp | dtp-no-mag | cls-static | random (SPEC section 7)
+    prune: str = "vision,text,fusion"  # which encoders prune (the fusion encoder's text tokens)
     prune_ratio: float = 0.5      # p, the GFLOPs reduction to compress to
     out: str = "runs/default"     # checkpoints, metrics.json, train.log, tokens.png
     seed: int = 0                 # model initialisation and batch order; the data never changes with it
@@ -392,7 +393,11 @@ def stage_dense(cfg, run, vcfg, splits, tokenizer):
 def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model):
     """Stage 2: fine-tune a copy of the dense model with pruning to the target, then calibrate β on
     the validation split (SPEC section 4)."""
-    mcfg = MADTPConfig(method=cfg.method, num_align_tokens=cfg.num_align_tokens, tau=cfg.tau, alpha=cfg.alpha)
+    encoders = set(cfg.prune.split(","))
+    if not encoders <= set(ENCODERS):
+        fail(f"--prune takes encoders from {','.join(ENCODERS)}, got {cfg.prune!r}")
+    mcfg = MADTPConfig(method=cfg.method, num_align_tokens=cfg.num_align_tokens, tau=cfg.tau, alpha=cfg.alpha,
+                       **{f"prune_{e}": e in encoders for e in ENCODERS})
     path = run.out / f"{cfg.method}-{cfg.prune_ratio:.2f}.pt"
     identity = dict(dense_identity(cfg, vcfg, tokenizer), method=cfg.method, prune_ratio=cfg.prune_ratio,
                     prune_steps=cfg.prune_steps, prune_lr=cfg.prune_lr, ramp=cfg.ramp, beta_gain=cfg.beta_gain,
@@ -833,7 +838,23 @@ def main_job(cfg, run):
         report(cfg, run, vcfg, tokenizer, splits, dense, compressed, madtp)
 
 
-def eval_only(cfg, run, path):
+@torch.no_grad()
+def where_time_goes(cfg, run, model, madtp, split, tokenizer, top=12):
+    """torch.profiler's top operators for the network unpruned and pruned, at batch 1 and at the
+    eval batch size: where pruning saves (addmm, bmm) and what it adds (gather, sort, small ops)."""
+    for bs in (1, cfg.eval_batch_size):
+        batches = bench_batches(cfg, run, split, tokenizer, bs)
+        for name, md in (("unpruned", None), ("pruned", madtp)):
+            for b in batches[:WARMUP_RUNS]:
+                pair_forward(run, model, md, b)
+            with torch.profiler.profile() as prof:
+                for b in batches:
+                    pair_forward(run, model, md, b)
+            run.log(f"\n{name}, batch {bs}, {sum(len(b[0]) for b in batches)} pairs:")
+            run.log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+def eval_only(cfg, run, path, profile=False):
     """Re-evaluate one checkpoint on the test split of the data it was trained on."""
     ckpt = load_checkpoint(path)
     saved = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
@@ -853,6 +874,8 @@ def eval_only(cfg, run, path):
     add_speed(cfg, run, rows, dict(dense=(model, None), model=(model, madtp)), splits["test"], tokenizer)
     if madtp is not None:
         m.update(method=madtp.cfg.method, beta=float(madtp.beta), tau=madtp.cfg.tau)
+    if profile:
+        where_time_goes(cfg, run, model, madtp, splits["test"], tokenizer)
     out = run.out / f"eval-{Path(path).stem}.json"
     write_json(out, m)
     run.log(f"{path}: r_mean {m['r_mean']:.2f}, GFLOPs per pair {m['gflops']:.4f} "
@@ -972,9 +995,11 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=list(PRESETS), default=None)
     p.add_argument("--method", choices=["madtp", "dtp-no-mag", "cls-static", "random"])
     p.add_argument("--prune-ratio", type=float, help="target GFLOPs reduction p, e.g. 0.5")
+    p.add_argument("--prune", help="encoders that prune, comma-separated (default vision,text,fusion)")
     p.add_argument("--out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--eval-only", metavar="CKPT", help="re-evaluate a checkpoint on its test split")
+    p.add_argument("--profile", action="store_true", help="with --eval-only: where the time goes, per operator")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--seed", type=int)
@@ -1009,7 +1034,7 @@ def main(argv=None):
     run.resume = args.resume
     try:
         if args.eval_only:
-            eval_only(cfg, run, args.eval_only)
+            eval_only(cfg, run, args.eval_only, args.profile)
         elif args.compare:
             compare(cfg, run, parse_list(args.compare, float, "--compare"),
                     parse_list(args.seeds or str(cfg.seed), int, "--seeds"))

@@ -10,7 +10,9 @@ Every block calls an optional `prune` hook after its self-attention residual add
 cross-attention and the MLP: that is where the official code prunes, and where madtp.py plugs in.
 Attention is written out (no fused SDPA) because the pruner reads the softmax weights, and because
 torch.utils.flop_counter counts 0 for fused SDPA on some CPU builds; the dense model uses the same
-code so that dense and pruned timings compare like with like.
+code so that dense and pruned timings compare like with like. Projections and MLPs run on the
+valid tokens only (`per_token`), so the padding that per-sample pruning leaves in a batch costs
+only inside attention.
 
 Shapes: B batch, N tokens (index 0 is CLS), D width, H heads. `valid` (B, N) is False for padding.
 """
