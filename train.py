@@ -854,7 +854,7 @@ def where_time_goes(cfg, run, model, madtp, split, tokenizer, top=12):
             run.log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
-def eval_only(cfg, run, path, profile=False):
+def eval_only(cfg, run, path, profile=False, beta=None):
     """Re-evaluate one checkpoint on the test split of the data it was trained on."""
     ckpt = load_checkpoint(path)
     saved = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
@@ -869,6 +869,8 @@ def eval_only(cfg, run, path, profile=False):
     if ckpt["kind"] == "compressed":
         madtp = MADTP(MADTPConfig(**ckpt["madtp_config"]), vcfg.dim).to(run.device)
         madtp.load_state_dict(ckpt["madtp"])
+        if beta is not None:   # e.g. near 0: how the fine-tuned weights do without pruning
+            madtp.beta.fill_(beta)
     m = evaluate(cfg, run, model, madtp, splits["test"], tokenizer)
     rows = dict(dense=dict(gflops=m["gflops_dense"]), model=m)   # the same network unpruned, for speedups
     add_speed(cfg, run, rows, dict(dense=(model, None), model=(model, madtp)), splits["test"], tokenizer)
@@ -1000,6 +1002,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--eval-only", metavar="CKPT", help="re-evaluate a checkpoint on its test split")
     p.add_argument("--profile", action="store_true", help="with --eval-only: where the time goes, per operator")
+    p.add_argument("--beta", type=float, help="with --eval-only: evaluate a compressed checkpoint at this β instead")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--seed", type=int)
@@ -1034,7 +1037,7 @@ def main(argv=None):
     run.resume = args.resume
     try:
         if args.eval_only:
-            eval_only(cfg, run, args.eval_only, args.profile)
+            eval_only(cfg, run, args.eval_only, args.profile, args.beta)
         elif args.compare:
             compare(cfg, run, parse_list(args.compare, float, "--compare"),
                     parse_list(args.seeds or str(cfg.seed), int, "--seeds"))
