@@ -998,6 +998,8 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=["madtp", "dtp-no-mag", "cls-static", "random"])
     p.add_argument("--prune-ratio", type=float, help="target GFLOPs reduction p, e.g. 0.5")
     p.add_argument("--prune", help="encoders that prune, comma-separated (default vision,text,fusion)")
+    p.add_argument("--num-align-tokens", type=int, help="M, the number of alignment tokens")
+    p.add_argument("--alpha", type=float, help="α, the weight of L_align")
     p.add_argument("--out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--eval-only", metavar="CKPT", help="re-evaluate a checkpoint on its test split")
