@@ -465,7 +465,7 @@ class Encoder:
 
     @torch.no_grad()
     def images(self, split, positions=False):
-        out = dict(tokens=[], emb=[], gflops=[], kept=[], positions=[])
+        out = empty_outputs()
         loader = DataLoader(data.ImageDataset(split), batch_size=self.cfg.eval_batch_size,
                             num_workers=self.cfg.num_workers)
         for batch in loader:
@@ -473,17 +473,12 @@ class Encoder:
             with self.run.autocast():
                 x, valid = self.model.encode_image(batch["image"].to(self.run.device), self.hooks(trace)["vision"])
                 emb = self.model.embed_image(x)
-            out["tokens"] += [t[v].float() for t, v in zip(x, valid)]
-            out["emb"].append(emb.float())
-            out["gflops"].append(gflops(self.model.cfg, trace)["vision"])
-            out["kept"].append(torch.stack([r["n_out"] for r in trace.layers["vision"]], 1))   # (B, L_v)
-            if positions:
-                out["positions"] += [[r["kept"][b] for r in trace.layers["vision"]] for b in range(len(x))]
-        return dict(out, emb=torch.cat(out["emb"]), gflops=torch.cat(out["gflops"]), kept=torch.cat(out["kept"]))
+            collect(out, "vision", x, valid, emb, trace, self.model.cfg)
+        return finish(out)
 
     @torch.no_grad()
     def texts(self, captions, positions=False):
-        out = dict(tokens=[], emb=[], gflops=[], kept=[], positions=[], slots=[])
+        out = empty_outputs()
         for i in range(0, len(captions), self.cfg.eval_batch_size):
             ids, valid = self.tokenizer.encode(captions[i:i + self.cfg.eval_batch_size])
             trace = Trace(positions=positions)
@@ -491,15 +486,8 @@ class Encoder:
                 x, valid = self.model.encode_text(ids.to(self.run.device), valid.to(self.run.device),
                                                   self.hooks(trace)["text"])
                 emb = self.model.embed_text(x)
-            out["tokens"] += [t[v].float() for t, v in zip(x, valid)]
-            out["emb"].append(emb.float())
-            out["gflops"].append(gflops(self.model.cfg, trace)["text"])
-            out["kept"].append(torch.stack([r["n_out"] for r in trace.layers["text"]], 1))     # (B, L_t)
-            if positions:
-                out["positions"] += [[r["kept"][b] for r in trace.layers["text"]] for b in range(len(x))]
-                # the word each stored token started as, so that fusion's choices map back to words
-                out["slots"] += [trace.layers["text"][-1]["kept"][b][valid[b]] for b in range(len(x))]
-        return dict(out, emb=torch.cat(out["emb"]), gflops=torch.cat(out["gflops"]), kept=torch.cat(out["kept"]))
+            collect(out, "text", x, valid, emb, trace, self.model.cfg)
+        return finish(out)
 
     @torch.no_grad()
     def fuse(self, text_tokens, image_tokens, pairs, slots=None):
@@ -534,6 +522,28 @@ class Encoder:
         return pair_gflops(self.model.cfg, split, self.tokenizer, imgs, txts, fus)
 
 
+def empty_outputs():
+    return dict(tokens=[], emb=[], gflops=[], kept=[], positions=[], slots=[])
+
+
+def collect(out, encoder, x, valid, emb, trace, vcfg):
+    """Keep what one encoded batch says about each of its samples: its own valid tokens (B x (n_b, D)),
+    its ITC embedding, its GFLOPs, its token count after every layer and, if traced, which original
+    tokens each layer kept and which one each stored token started as."""
+    out["tokens"] += [t[v].float() for t, v in zip(x, valid)]
+    out["emb"].append(emb.float())
+    out["gflops"].append(gflops(vcfg, trace)[encoder])
+    out["kept"].append(torch.stack([r["n_out"] for r in trace.layers[encoder]], 1))        # (B, L)
+    if trace.positions:
+        out["positions"] += [[r["kept"][b] for r in trace.layers[encoder]] for b in range(len(x))]
+        # for text: the word each stored token started as, so that fusion's choices map back to words
+        out["slots"] += [trace.layers[encoder][-1]["kept"][b][valid[b]] for b in range(len(x))]
+
+
+def finish(out):
+    return dict(out, emb=torch.cat(out["emb"]), gflops=torch.cat(out["gflops"]), kept=torch.cat(out["kept"]))
+
+
 def pad(tokens):
     """A list of (n_b, D) token sets -> (B, N, D) zero-padded, valid (B, N)."""
     N = max(len(t) for t in tokens)
@@ -558,14 +568,23 @@ def pair_gflops(vcfg, split, tokenizer, imgs, txts, fus):
                 **{f"gflops_{e}": parts[e].mean().item() for e in ENCODERS})
 
 
-def recalls(scores_i2t, split):
-    """BLIP's itm_eval: Recall@1/5/10 for image->text and text->image, and their mean r_mean."""
+def rerank(sim, top, itm):
+    """BLIP's scores: ITM logit + ITC similarity for each query's top-k candidates, -1e4 elsewhere.
+    sim (Q, C) similarities, top (Q, k) candidate indices, itm (Q * k,) their ITM logits."""
+    scores = torch.full_like(sim, -1e4)                                               # (Q, C)
+    rows = torch.arange(len(top))[:, None].expand(-1, top.shape[1])                  # (Q, k)
+    scores[rows, top] = itm.view(top.shape) + sim[rows, top]
+    return scores
+
+
+def recalls(scores_i2t, scores_t2i, split):
+    """BLIP's itm_eval: Recall@1/5/10 for image->text (I, T) and text->image (T, I), and r_mean."""
     ranks_i = []
     for i, row in enumerate(scores_i2t):
         order = row.argsort(descending=True)
         ranks_i.append(min((order == c).nonzero()[0, 0].item() for c in split.img2txt[i]))
     ranks_t = []
-    for c, col in enumerate(scores_i2t.t()):
+    for c, col in enumerate(scores_t2i):
         order = col.argsort(descending=True)
         ranks_t.append((order == split.txt2img[c]).nonzero()[0, 0].item())
     ranks_i, ranks_t = torch.tensor(ranks_i), torch.tensor(ranks_t)
@@ -589,17 +608,8 @@ def evaluate(cfg, run, model, madtp, split, tokenizer, draw_to=None):
     pairs = [(c.item(), i) for i in range(len(top_t)) for c in top_t[i]] + \
             [(c, i.item()) for c in range(len(top_i)) for i in top_i[c]]
     itm = enc.fuse(txts["tokens"], imgs["tokens"], pairs)["score"].cpu()
-    scores = torch.full_like(sim.cpu(), -1e4)                                        # (I, T)
-    n_i2t = len(top_t) * k
-    rows = torch.arange(len(top_t))[:, None].expand(-1, k)
-    scores[rows, top_t.cpu()] = itm[:n_i2t].view(-1, k) + sim.cpu()[rows, top_t.cpu()]
-    scores_t2i = torch.full_like(sim.cpu().t(), -1e4)                                # (T, I)
-    rows = torch.arange(len(top_i))[:, None].expand(-1, k)
-    scores_t2i[rows, top_i.cpu()] = itm[n_i2t:].view(-1, k) + sim.cpu().t()[rows, top_i.cpu()]
-    metrics = recalls(scores, split)
-    t2i = recalls(scores_t2i.t(), split)
-    metrics.update({key: t2i[key] for key in ("t2i_r1", "t2i_r5", "t2i_r10")})
-    metrics["r_mean"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)) / 6
+    sim, n_i2t = sim.cpu(), top_t.numel()
+    metrics = recalls(rerank(sim, top_t.cpu(), itm[:n_i2t]), rerank(sim.t(), top_i.cpu(), itm[n_i2t:]), split)
     fus = enc.fuse(txts["tokens"], imgs["tokens"], list(enumerate(split.txt2img)),
                    slots=txts["slots"] if synthetic else None)
     metrics.update(pair_gflops(model.cfg, split, tokenizer, imgs, txts, fus))
@@ -613,32 +623,31 @@ def evaluate(cfg, run, model, madtp, split, tokenizer, draw_to=None):
     return metrics
 
 
-def object_share(split, positions):
-    """Per vision layer: the share of kept patch tokens (CLS and package tokens aside) that show an object,
-    and the same share over all patches for reference (what a random pruner would get)."""
+def kept_share(flags, positions):
+    """Per layer: the share of kept tokens (CLS and package tokens aside) whose ground-truth flag is
+    set. flags[s] (n,) bool per original token of sample s; positions[s][l] what layer l kept."""
     layers = len(positions[0])
     on, total = torch.zeros(layers), torch.zeros(layers)
-    for i, per_layer in enumerate(positions):
-        obj = split.object_patches(i)
+    for flag, per_layer in zip(flags, positions):
         for l, pos in enumerate(per_layer):
-            patch = pos[pos >= 1].cpu() - 1
-            on[l] += obj[patch].sum()
-            total[l] += len(patch)
-    base = torch.stack([split.object_patches(i).float().mean() for i in range(len(positions))]).mean()
-    return dict(per_layer=(on / total.clamp_min(1)).tolist(), all_patches=base.item())
+            token = pos[pos >= 1].cpu() - 1
+            on[l] += flag[token].sum()
+            total[l] += len(token)
+    return (on / total.clamp_min(1)).tolist()
+
+
+def object_share(split, positions):
+    """Per vision layer: the share of kept patches that show an object, and the same share over all
+    patches for reference (what a random pruner would get)."""
+    objects = [split.object_patches(i) for i in range(len(positions))]
+    return dict(per_layer=kept_share(objects, positions),
+                all_patches=torch.stack([o.float().mean() for o in objects]).mean().item())
 
 
 def content_share(split, tokenizer, positions):
-    """Per text layer: the share of kept word tokens that carry content (colour, shape, size, place)."""
-    layers = len(positions[0])
-    on, total = torch.zeros(layers), torch.zeros(layers)
-    for c, per_layer in enumerate(positions):
-        content = torch.tensor(split.content_words(c)[: tokenizer.max_len - 1] or [False])
-        for l, pos in enumerate(per_layer):
-            word = pos[pos >= 1].cpu() - 1
-            on[l] += content[word].sum()
-            total[l] += len(word)
-    return dict(per_layer=(on / total.clamp_min(1)).tolist())
+    """Per text layer: the share of kept words that carry content (colour, shape, size, place)."""
+    content = [torch.tensor(split.content_words(c)[: tokenizer.max_len - 1] or [False]) for c in range(len(positions))]
+    return dict(per_layer=kept_share(content, positions))
 
 
 def bench_batches(cfg, run, split, tokenizer, batch_size):
