@@ -9,8 +9,25 @@ The method in one breath: a learnable matrix T of M "alignment tokens" is shared
 text encoders. In every pruned layer each modality's tokens attend to the concepts in T (logits a,
 concept attention P), giving concept features F that an alignment loss L_align pulls together across
 modalities. Each token gets an importance S = mean(S_cls, S_self, S_mag), every sample gets its own
-threshold θ from the concepts, tokens with S <= β·θ are fused into one package token x_fuse, and
-the rest go on. β is one global scalar that sets the compute budget.
+threshold θ from the concepts, tokens whose score falls below the layer's bar are fused into one
+package token x_fuse, and the rest go on. One scalar β sets the compute budget; how it is shared
+across layers is the `budget` rule (SPEC section 3, "how the budget is shared"):
+
+- "global" (as first built): keep S > β·θ with the same β in every layer of every encoder.
+- "layer" (the default): every pruned layer ℓ has its own bar β_ℓ, fitted so that the layer keeps
+  on average the share ρ = 1 / (1 + β) of its input tokens (pooled over the training batch, or
+  over the validation split when calibrating): cls-static's geometric schedule. Which samples keep
+  more is still decided per sample: keep j iff S_j > β_ℓ θ_b, with the sample's own S and θ.
+- "back": as "layer", but back-loaded: the k-th of an encoder's K pruned layers keeps ρ^(2k/(K+1))
+  of its input (the same product over the encoder as "layer"; lighter cuts early, heavier late).
+- "encoder": one bar per encoder, fitted at its first pruned layer, then kept for its later layers.
+
+A pooled bar compares samples with each other only if S / θ means the same in every sample. With
+τ = 1, θ averages over many tokens, so it is high in a cluttered scene (every concept finds an
+object) and low in an empty one, and the empty scene keeps more. With a small τ (the default 0.1)
+each concept proposes the score of the one token it matches best, and the weakest proposal is a
+background token in any scene: S / θ is then "how far above this scene's background", and a
+cluttered scene keeps more tokens than an empty one (README, "Where the cuts fall").
 
 Shapes: B batch, N tokens of a sequence (0 is CLS), n = N - 1 prunable tokens, D width, H heads,
 M alignment tokens. `valid` (B, N) or `v` (B, n) is False for padding.
@@ -25,6 +42,8 @@ import torch.nn.functional as F_
 
 METHODS = ("madtp", "dtp-no-mag", "cls-static", "random")   # SPEC section 7 (dense = no MADTP at all)
 ENCODERS = ("vision", "text", "fusion")
+BUDGETS = ("layer", "back", "encoder", "global")   # how β's cut is shared across layers (module docstring)
+RULES = ("ratio", "margin")               # the statistic a layer's bar β_ℓ is compared with (keep_statistic)
 RANDOM_SEED = 1234   # fixes the random baseline's per-position scores (see random_scores)
 
 
@@ -32,15 +51,26 @@ RANDOM_SEED = 1234   # fixes the random baseline's per-position scores (see rand
 class MADTPConfig:
     method: str = "madtp"        # one of METHODS
     num_align_tokens: int = 32   # M; official 100 at D = 768, fewer suit this small model
-    tau: float = 1.0             # τ, temperature of the threshold's softmax; fixed (official moves it)
+    tau: float = 0.1             # τ, temperature of θ's softmax; fixed (official moves it). Small: each concept
+                                 # proposes the score of the token it matches best, so θ is a background level
     alpha: float = 0.1           # α, weight of L_align (official, all tasks)
     prune_vision: bool = True    # prune the vision encoder's patch tokens
     prune_text: bool = True      # prune the text encoder's word tokens
     prune_fusion: bool = True    # prune the text tokens of the fusion encoder
+    budget: str = "layer"        # one of BUDGETS: a fitted bar per layer, per encoder, or one global β
+    rule: str = "ratio"          # one of RULES: keep S > β_ℓ θ (SPEC), or n (S - θ) > β_ℓ
+    first_layer: int = 0         # layers before this one (in every encoder) never prune (EViT: 4 of 12)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget rule {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown keep rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if self.rule == "margin" and self.budget == "global":
+            raise ValueError("the margin rule needs a fitted bar (--budget layer or encoder): "
+                             "with one global β, β = 0 would no longer keep every token")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +145,26 @@ def keep_mask(S, theta, beta, v):
     return (S > beta * theta[:, None]) & v
 
 
+def keep_statistic(S, theta, v, rule):
+    """What a layer's bar β_ℓ is compared with, per token: keep j iff statistic > β_ℓ. (B, n)
+    ratio:  S_j / θ_b, SPEC's rule (keep S > β_ℓ θ). Scale-free within a sample, so a scene whose
+            scores are flat (nothing stands out) looks the same whether it is empty or full.
+    margin: n_b (S_j - θ_b), how far above its own bar a token stands, in units of the uniform
+            share 1 / n_b; a flat scene has every token near 0 and a salient token stands out."""
+    if rule == "ratio":
+        return S / theta[:, None].clamp_min(torch.finfo(S.dtype).tiny)
+    return v.sum(dim=1, keepdim=True) * (S - theta[:, None])
+
+
+def share_threshold(statistic, v, rho):
+    """The bar β_ℓ above which a share ρ of the valid tokens lies, pooled over the batch: the batch
+    keeps ceil(ρ T) of its T tokens, but each sample as many as it has above the bar. ρ = 1 keeps
+    all. Reads one count on the host: only fitting (training, calibration) calls it."""
+    s = statistic[v].sort(descending=True).values                                   # (T,) pooled
+    k = math.ceil(round(float(rho) * len(s), 4))   # round: ρ = 0.4 in float32 times 80 is 32.0000005
+    return s[k] if k < len(s) else torch.tensor(float("-inf"), device=s.device)
+
+
 def top_k_mask(scores, v, k):
     """Keep each sample's k[b] highest-scoring valid tokens. (B, n) bool"""
     order = scores.masked_fill(~v, float("-inf")).argsort(dim=1, descending=True)   # (B, n)
@@ -129,11 +179,14 @@ def static_keep_count(n, beta):
 
 
 def random_scores(encoder, layer, v):
-    """The random baseline's scores: a fixed pseudo-random number per (encoder, layer, position),
-    blind to content. Fixed rather than redrawn so that a sample's result never depends on its
-    batch or on when it runs. (B, n)"""
+    """The random baseline's scores: a fixed pseudo-random number per (encoder, layer, k) for the
+    k-th valid token of a sample, blind to content. Fixed rather than redrawn, and indexed by k
+    rather than by slot, so that a sample's result never depends on its batch or on when it runs
+    (in a batch, padding sits between a sample's kept tokens and its package token). (B, n)"""
     g = torch.Generator().manual_seed(RANDOM_SEED + 1000 * ENCODERS.index(encoder) + layer)
-    return torch.rand(v.shape[1], generator=g).to(v.device).expand(v.shape)
+    table = torch.rand(v.shape[1], generator=g).to(v.device)                      # (n,)
+    k = (v.cumsum(dim=1) - 1).clamp_min(0)                                        # (B, n)
+    return table[k]
 
 
 def package_weights(S, fused):
@@ -227,21 +280,26 @@ def count_only(trace, encoder):
 
 
 class MADTP(nn.Module):
-    """T (the alignment tokens) and β (the budget); `hooks` gives the VLT a pruning hook per encoder."""
+    """T (the alignment tokens), β (the budget) and the per-layer bars β_ℓ; `hooks` gives the VLT a
+    pruning hook per encoder. Like BatchNorm, it fits in training mode (each batch sets the bars
+    β_ℓ for the share ρ that β asks for) and uses the frozen bars in eval mode, so that a sample's
+    result never depends on its batch-mates at evaluation."""
 
-    def __init__(self, cfg: MADTPConfig, dim: int):
+    def __init__(self, cfg: MADTPConfig, dim: int, depths: tuple):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.depths = cfg, dict(zip(ENCODERS, depths))   # (L_v, L_t, L_f)
         self.T = nn.Parameter(torch.randn(cfg.num_align_tokens, dim))   # N(0, 1), as official
         self.register_buffer("beta", torch.tensor(0.0))                  # β, set by the controller
+        # β_ℓ per (encoder, layer) for the fitted budgets; -inf (keep all) until first fitted
+        self.register_buffer("bars", torch.full((len(ENCODERS), max(depths)), float("-inf")))
 
-    def prunes(self, encoder):
-        return {"vision": self.cfg.prune_vision, "text": self.cfg.prune_text,
-                "fusion": self.cfg.prune_fusion}[encoder]
+    def prunes(self, encoder, layer):
+        on = {"vision": self.cfg.prune_vision, "text": self.cfg.prune_text, "fusion": self.cfg.prune_fusion}
+        return on[encoder] and layer >= self.cfg.first_layer
 
     def hook(self, encoder, trace: Trace):
         def prune(layer, x_in, x, valid, A):
-            if self.prunes(encoder):
+            if self.prunes(encoder, layer):
                 return self.prune_layer(encoder, layer, x_in, x, valid, A, trace)
             if self.aligns(encoder, trace):  # keeps every token, but still feeds L_align
                 v = valid[:, 1:]
@@ -276,7 +334,7 @@ class MADTP(nn.Module):
                 P = concept_attention(a)
                 S = (S_cls + S_self + mag_score(P, v)) / 3
             theta = threshold(a, S, cfg.tau)
-            keep = keep_mask(S, theta, self.beta, v)
+            keep = self.keep(encoder, layer, S, theta, v)
             concepts = cfg.num_align_tokens
             if cfg.method == "random":              # MADTP's counts, random choice of tokens
                 S = normalise(random_scores(encoder, layer, v), v)
@@ -287,6 +345,21 @@ class MADTP(nn.Module):
         x, valid_out, idx = prune_tokens(x, keep, S, valid)
         trace.record(encoder, valid, valid_out, idx, (v & ~keep).any(dim=1), concepts, features)
         return x, valid_out
+
+    def keep(self, encoder, layer, S, theta, v):
+        """The keep decision of the threshold methods: each sample's own θ, and the budget rule's bar."""
+        if self.cfg.budget == "global":
+            return keep_mask(S, theta, self.beta, v)
+        statistic = keep_statistic(S, theta, v, self.cfg.rule)
+        e = ENCODERS.index(encoder)
+        fits = self.training and (self.cfg.budget != "encoder" or layer == self.cfg.first_layer)
+        if fits:   # the encoder budget fits at its first pruned layer and keeps that bar after it
+            rho = 1 / (1 + self.beta)
+            if self.cfg.budget == "back":
+                k, K = layer - self.cfg.first_layer + 1, self.depths[encoder] - self.cfg.first_layer
+                rho = rho ** (2 * k / (K + 1))
+            self.bars[e, layer:] = share_threshold(statistic.detach(), v, rho)
+        return (statistic > self.bars[e, layer]) & v
 
     def hooks(self, trace: Trace):
         return {e: self.hook(e, trace) for e in ENCODERS}

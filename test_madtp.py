@@ -21,8 +21,9 @@ from torchvision.io import decode_image, encode_jpeg, read_file, write_file
 
 import data
 import train
-from madtp import (ENCODERS, METHODS, MADTP, MADTPConfig, Trace, dense_hooks, gflops, dense_gflops,
-                   keep_mask, package_weights, prune_tokens, threshold, normalise, alignment_loss)
+from madtp import (BUDGETS, ENCODERS, METHODS, MADTP, MADTPConfig, Trace, dense_hooks, gflops, dense_gflops,
+                   keep_mask, keep_statistic, package_weights, prune_tokens, threshold, normalise, alignment_loss,
+                   share_threshold)
 from vlt import VLT, VLTConfig, task_loss
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec, which this project does not depend on
@@ -38,11 +39,21 @@ TINY = VLTConfig(image_size=32, patch_size=8, vocab_size=40, max_text_len=16, di
 
 
 def tiny_model(method="madtp", beta=1.0, seed=0, **kw):
+    """A tiny VLT and a MADTP at β, with its bars fitted and frozen (eval mode)."""
     torch.manual_seed(seed)
     model = VLT(TINY).eval()
-    madtp = MADTP(MADTPConfig(method=method, num_align_tokens=8, **kw), TINY.dim)
-    madtp.beta.fill_(beta)
+    madtp = MADTP(MADTPConfig(method=method, num_align_tokens=8, **kw), TINY.dim, train.depths(TINY))
+    set_beta(model, madtp, beta)
     return model, madtp
+
+
+def set_beta(model, madtp, beta):
+    """β, and for a fitted budget the bars β_ℓ it asks for, fitted on a fixed batch, then frozen
+    (as calibration does on the validation split)."""
+    madtp.beta.fill_(beta)
+    madtp.train()
+    run(model, madtp, images(6, seed=99), *captions([2, 4, 6, 8, 10, 12], seed=99))
+    madtp.eval()
 
 
 def captions(lengths, pad_to=None, seed=0):
@@ -186,9 +197,17 @@ def test_threshold_lies_between_min_and_max_score():
         assert (keep_mask(S, theta, 0.0, v) == v).all()
 
 
+BUDGET_RULES = [dict(budget="global"), dict(budget="encoder"), dict(budget="layer"), dict(budget="back"),
+                dict(budget="layer", rule="margin"), dict(budget="layer", first_layer=1)]
+
+
+@pytest.mark.parametrize("rule", BUDGET_RULES, ids=lambda r: "-".join(map(str, r.values())))
 @pytest.mark.parametrize("method", METHODS)
-def test_larger_beta_keeps_fewer_tokens(method):
-    model, madtp = tiny_model(method)
+def test_larger_beta_keeps_fewer_tokens(method, rule):
+    """The one knob is monotone under every budget rule, for every method, on the data the bars are
+    fitted to (what calibration bisects on; on other data a fitted budget is only nearly so)."""
+    model, madtp = tiny_model(method, **rule)
+    madtp.train()
     imgs, (ids, valid) = images(4), captions([3, 11, 7, 5])
     kept = []
     for beta in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0):
@@ -196,6 +215,66 @@ def test_larger_beta_keeps_fewer_tokens(method):
         kept.append(kept_total(run(model, madtp, imgs, ids, valid)[1]))
     assert all(b <= a for a, b in zip(kept, kept[1:])), kept
     assert kept[-1] < kept[0]
+
+
+@pytest.mark.parametrize("budget", ["layer", "encoder"])
+def test_fitted_bars_keep_the_share_rho(budget):
+    """Fitting (training mode): the first pruned layer of each encoder keeps ceil(ρ T) of the T
+    prunable tokens of the batch, ρ = 1 / (1 + β), but each sample its own number of them; with
+    the per-layer budget every layer does."""
+    model, madtp = tiny_model(beta=0.0, budget=budget)
+    madtp.beta.fill_(1.5)
+    madtp.train()
+    _, trace, _ = run(model, madtp, images(5), *captions([3, 11, 7, 5, 9]), positions=True)
+    layers = {e: trace.layers[e] if budget == "layer" else trace.layers[e][:1] for e in ENCODERS}
+    for e, records in layers.items():
+        for r in records:
+            prunable = int((r["n_in"] - 1).sum())
+            kept = [int((pos[1:] >= 1).sum()) for pos in r["kept"]]
+            assert sum(kept) == math.ceil(prunable / 2.5), (e, kept)
+    vision_kept = [int((pos[1:] >= 1).sum()) for pos in trace.layers["vision"][0]["kept"]]
+    assert len(set(vision_kept)) > 1, "every image kept the same count: the budget is not per sample"
+
+
+def test_share_threshold_and_statistics():
+    v = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    stat = torch.tensor([[5.0, 1.0, 3.0, 99.0], [4.0, 0.5, 2.0, 6.0]])
+    assert share_threshold(stat, v, 1.0) == float("-inf")                 # ρ = 1 keeps everything
+    bar = share_threshold(stat, v, 3 / 7)                                  # keep 3 of the 7 valid tokens
+    assert ((stat > bar) & v).int().tolist() == [[1, 0, 0, 0], [1, 0, 0, 1]]
+    S = normalise(torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1]]), torch.ones(2, 4, dtype=torch.bool))
+    theta = torch.tensor([0.25, 0.1])
+    ones = torch.ones(2, 4, dtype=torch.bool)
+    torch.testing.assert_close(keep_statistic(S, theta, ones, "ratio"), S / theta[:, None])
+    # margin: a flat scene stands nowhere above its bar; a peaked one stands out by n (S - θ)
+    torch.testing.assert_close(keep_statistic(S, theta, ones, "margin"), torch.tensor([[0.0] * 4, [2.4, 0, 0, 0]]))
+
+
+def test_layers_before_first_layer_never_prune():
+    model, madtp = tiny_model(beta=2.0, first_layer=1)
+    _, trace, _ = run(model, madtp, images(3), *captions([4, 8, 6]))
+    for e in ENCODERS:
+        assert torch.equal(trace.layers[e][0]["n_in"], trace.layers[e][0]["n_out"]), e
+    assert (trace.layers["vision"][1]["n_out"] < trace.layers["vision"][1]["n_in"]).all()
+
+
+def test_object_recall_and_pearson_on_known_positions():
+    """Four scenes of 4 patches with 1, 2, 3 and 4 object patches; the pruner kept the first k."""
+    masks = [torch.tensor([j < k for j in range(4)]) for k in (1, 2, 3, 4)]
+    split = type("Split", (), dict(object_patches=lambda self, i: masks[i]))()
+    kept = (2, 2, 2, 2), (1, 2, 3, 4)   # layer 1 keeps 2 patches each, layer 2 as many as it has objects
+    positions = [[torch.tensor([0] + list(range(1, 1 + kept[l][s])) + [-1]) for l in range(2)] for s in range(4)]
+    r = train.object_recall(split, positions)
+    assert r["per_layer"] == pytest.approx([(1 + 1 + 2 / 3 + 1 / 2) / 4, 1.0])
+    assert r["cluttered"] == pytest.approx([0.5, 1.0])                    # the quarter: the 4-object scene
+    assert r["pearson_r"] == pytest.approx([0.0, 1.0])
+
+
+def test_unknown_or_inconsistent_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown budget rule"):
+        MADTPConfig(budget="per-head")
+    with pytest.raises(ValueError, match="margin rule needs a fitted bar"):
+        MADTPConfig(budget="global", rule="margin")
 
 
 def test_every_parameter_gets_a_finite_nonzero_gradient():
@@ -670,6 +749,10 @@ def test_tiny_pipeline_end_to_end(tiny_run):
         assert set(row["kept_tokens"]) == set(ENCODERS)
     assert pruned["object_share"]["per_layer"][-1] > pruned["object_share"]["all_patches"], \
         "MADTP should keep object patches more often than their share of the image"
+    layers = len(pruned["kept_tokens"]["vision"])
+    assert all(len(pruned["object_recall"][k]) == layers for k in ("per_layer", "cluttered", "pearson_r"))
+    assert dense["object_recall"]["per_layer"] == [1.0] * layers and dense["content_recall"]["text"][-1] == 1.0
+    assert pruned["object_recall"]["per_layer"][-1] < 1.0 and len(pruned["content_recall"]["fusion"]) >= 1
     png = decode_image(read_file(str(tiny_run / "tokens.png")))
     assert png.shape[0] == 3 and png.shape[1] > 100 and png.shape[2] > 100
     log = (tiny_run / "train.log").read_text()
@@ -679,7 +762,7 @@ def test_tiny_pipeline_end_to_end(tiny_run):
         assert ckpt["kind"] == kind and ckpt["done"]
         assert {"vlt_config", "train_config", "tokenizer", "model"} <= set(ckpt)
     ckpt = torch.load(tiny_run / "madtp-0.50.pt", weights_only=True)
-    assert ckpt["beta"] > 0 and ckpt["tau"] == 1.0 and "T" in ckpt["madtp"]
+    assert ckpt["beta"] > 0 and ckpt["tau"] == 0.1 and "T" in ckpt["madtp"]
 
 
 def test_a_finished_dense_model_is_reused(tiny_run, capsys):
@@ -795,6 +878,20 @@ def test_coco_mini_end_to_end(tmp_path):
         m = load_json(out / "metrics.json")
         assert set(m) == {"dense", "madtp 50%"}
         assert all(math.isfinite(r["r_mean"]) for r in m.values())
+
+
+def test_ablation_writes_one_row_per_budget_rule(tmp_path):
+    arms = ["global", "layer"]
+    train.main(FAST + ["--out", str(tmp_path), "--ablation", "0.5", "--arms", ",".join(arms), "--dense-steps", "30",
+                       "--prune-steps", "10"])
+    results = load_json(tmp_path / "ablation-0.50.json")
+    labels = {train.ABLATION[a][0] for a in arms}
+    assert {r["method"] for r in results["summary"]} == labels | {"dense"}
+    for r in results["summary"]:
+        if r["method"] != "dense":
+            assert abs(r["gflops_reduction"][0] - 0.5) <= 0.05, r
+    md = (tmp_path / "ablation-0.50.md").read_text()
+    assert md.startswith("| budget rule") and md.count("\n") == 2 + 1 + len(labels)
 
 
 def test_compare_writes_results(tmp_path):

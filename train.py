@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
-from madtp import (ENCODERS, METHODS, MADTP, MADTPConfig, Trace, alignment_loss, dense_gflops, dense_hooks, gflops)
+from madtp import (BUDGETS, ENCODERS, METHODS, MADTP, MADTPConfig, RULES, Trace, alignment_loss, dense_gflops,
+                   dense_hooks, gflops)
 from vlt import VLT, VLTConfig, task_loss
 
 BETA_MIN, BETA_MAX = 1e-3, 1e3   # the range the controller and the calibration search move β in
@@ -70,6 +71,9 @@ class TrainConfig:
     method: str = "madtp"         # madtp | dtp-no-mag | cls-static | random (SPEC section 7)
     prune: str = "vision,text,fusion"  # which encoders prune (the fusion encoder's text tokens)
     prune_ratio: float = 0.5      # p, the GFLOPs reduction to compress to
+    budget: str = "layer"         # how β's cut is shared: a fitted bar per layer | per encoder | global (madtp.py)
+    rule: str = "ratio"           # keep S > β_ℓ θ (ratio, SPEC) or n (S - θ) > β_ℓ (margin)
+    first_layer: int = 0          # first pruned layer of every encoder
     out: str = "runs/default"     # checkpoints, metrics.json, train.log, tokens.png
     seed: int = 0                 # model initialisation and batch order; the data never changes with it
     device: str = "auto"          # auto picks CUDA when available
@@ -92,13 +96,13 @@ class TrainConfig:
     beta_gain: float = 0.5        # controller: log β += beta_gain * (target - realised reduction); the
                                   # reduction is steep in log β near the target, larger gains oscillate
     num_align_tokens: int = 32    # M
-    tau: float = 1.0              # τ
+    tau: float = 0.1              # τ: small, so that θ sits at the background level of every sample (README)
     alpha: float = 0.1            # α
     itm_k: int = 16               # ITM re-ranks the top-k ITC candidates (BLIP's protocol)
     bench_pairs: int = 128        # pairs timed at batch 1 (and batches of eval_batch_size)
     save_every: int = 200         # steps between checkpoints (and on Ctrl-C)
     num_workers: int = 0          # DataLoader workers; synthetic images are pre-rendered, so 0 is fastest
-    num_drawn: int = 4            # test samples drawn in tokens.png
+    num_drawn: int = 4            # test scenes drawn in tokens.png: half the sparsest, half the most cluttered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,15 +394,19 @@ def stage_dense(cfg, run, vcfg, splits, tokenizer):
     return model
 
 
-def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model):
+def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model, stem=None):
     """Stage 2: fine-tune a copy of the dense model with pruning to the target, then calibrate β on
-    the validation split (SPEC section 4)."""
+    the validation split (SPEC section 4). The checkpoint is <stem or method>-<p>.pt in run.out."""
     encoders = set(cfg.prune.split(","))
     if not encoders <= set(ENCODERS):
         fail(f"--prune takes encoders from {','.join(ENCODERS)}, got {cfg.prune!r}")
-    mcfg = MADTPConfig(method=cfg.method, num_align_tokens=cfg.num_align_tokens, tau=cfg.tau, alpha=cfg.alpha,
-                       **{f"prune_{e}": e in encoders for e in ENCODERS})
-    path = run.out / f"{cfg.method}-{cfg.prune_ratio:.2f}.pt"
+    try:
+        mcfg = MADTPConfig(method=cfg.method, num_align_tokens=cfg.num_align_tokens, tau=cfg.tau, alpha=cfg.alpha,
+                           budget=cfg.budget, rule=cfg.rule, first_layer=cfg.first_layer,
+                           **{f"prune_{e}": e in encoders for e in ENCODERS})
+    except ValueError as e:
+        fail(str(e))
+    path = run.out / f"{stem or cfg.method}-{cfg.prune_ratio:.2f}.pt"
     identity = dict(dense_identity(cfg, vcfg, tokenizer), method=cfg.method, prune_ratio=cfg.prune_ratio,
                     prune_steps=cfg.prune_steps, prune_lr=cfg.prune_lr, ramp=cfg.ramp, beta_gain=cfg.beta_gain,
                     **{f"madtp_{k}": v for k, v in asdict(mcfg).items()})
@@ -406,7 +414,7 @@ def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model):
     model = VLT(vcfg).to(run.device)
     model.load_state_dict((ckpt or {}).get("model", dense_model.state_dict()))
     torch.manual_seed(cfg.seed)
-    madtp = MADTP(mcfg, vcfg.dim).to(run.device)
+    madtp = MADTP(mcfg, vcfg.dim, depths(vcfg)).to(run.device)
     # only MADTP trains T: the other methods use it for counts or thresholds, never with a gradient
     madtp.T.requires_grad_(cfg.method == "madtp")
     madtp.beta.fill_(BETA_INIT)
@@ -433,20 +441,40 @@ def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model):
     return model, madtp
 
 
+def depths(vcfg):
+    """(L_v, L_t, L_f): MADTP sizes its table of bars β_ℓ and its layer schedules by them."""
+    return vcfg.vision_layers, vcfg.text_layers, vcfg.fusion_layers
+
+
+def fit_bars(cfg, run, model, madtp, split, tokenizer):
+    """Set the bars β_ℓ of a fitted budget for the current β: one pass over the whole split as one
+    batch in training mode, so that each layer keeps the share ρ of the split's tokens. Then frozen."""
+    if madtp.cfg.budget == "global":
+        return
+    fit = Encoder(replace(cfg, eval_batch_size=len(split.captions)), run, model, madtp, tokenizer)
+    madtp.train()
+    fit.pair_stats(split)
+    madtp.eval()
+
+
 def calibrate(cfg, run, model, madtp, split, tokenizer):
     """Freeze β for evaluation: bisect log β so that the validation split's mean GFLOPs per pair
-    is (1 - p) of dense. Token counts fall as β grows, so the search is well posed."""
+    is (1 - p) of dense. Token counts fall as β grows, so the search is well posed. With a fitted
+    budget, each step first fits the bars β_ℓ on the whole split as one batch (training mode),
+    then measures with them frozen; the best step's bars are kept."""
     enc = Encoder(cfg, run, model, madtp, tokenizer)
     trained = math.log(float(madtp.beta))
     lo = max(math.log(BETA_MIN), trained - math.log(CALIBRATION_SPAN))
     hi = min(math.log(BETA_MAX), trained + math.log(CALIBRATION_SPAN))
-    best = (math.inf, None, None)
+    best = (math.inf, None, None, None)
     for _ in tqdm(range(CALIBRATION_STEPS), desc="calibrate β", disable=not run.main, leave=False):
         mid = (lo + hi) / 2
         madtp.beta.fill_(math.exp(mid))
+        fit_bars(cfg, run, model, madtp, split, tokenizer)
         r = enc.pair_stats(split)["gflops_reduction"]
-        best = min(best, (abs(r - cfg.prune_ratio), math.exp(mid), r))
+        best = min(best, (abs(r - cfg.prune_ratio), math.exp(mid), r, madtp.bars.clone()), key=lambda t: t[0])
         lo, hi = (mid, hi) if r < cfg.prune_ratio else (lo, mid)
+    madtp.bars.copy_(best[3])
     return best[1], best[2]
 
 
@@ -459,6 +487,8 @@ class Encoder:
 
     def __init__(self, cfg, run, model, madtp, tokenizer):
         self.cfg, self.run, self.model, self.madtp, self.tokenizer = cfg, run, model.eval(), madtp, tokenizer
+        if madtp is not None:   # frozen bars β_ℓ; calibrate() switches to fitting on purpose
+            madtp.eval()
 
     def hooks(self, trace):
         return self.madtp.hooks(trace) if self.madtp is not None else dense_hooks(trace)
@@ -618,6 +648,9 @@ def evaluate(cfg, run, model, madtp, split, tokenizer, draw_to=None):
     if synthetic:
         metrics["object_share"] = object_share(split, imgs["positions"])
         metrics["content_share"] = content_share(split, tokenizer, txts["positions"])
+        metrics["object_recall"] = object_recall(split, imgs["positions"])
+        metrics["content_recall"] = {e: content_recall(split, tokenizer, pos)
+                                     for e, pos in (("text", txts["positions"]), ("fusion", fus["positions"]))}
     if draw_to is not None and synthetic and run.main:
         draw_tokens(split, tokenizer, imgs, txts, fus, draw_to, cfg.num_drawn, model.cfg)
     return metrics
@@ -642,6 +675,43 @@ def object_share(split, positions):
     objects = [split.object_patches(i) for i in range(len(positions))]
     return dict(per_layer=kept_share(objects, positions),
                 all_patches=torch.stack([o.float().mean() for o in objects]).mean().item())
+
+
+def recall(flags, positions):
+    """(S, L): for each sample s and layer l, the share of its flagged original tokens still present
+    (kept, not fused) after layer l. flags[s] (n,) bool; positions[s][l] what layer l kept."""
+    out = torch.zeros(len(flags), len(positions[0]))
+    for s, (flag, per_layer) in enumerate(zip(flags, positions)):
+        for l, pos in enumerate(per_layer):
+            present = torch.zeros_like(flag)
+            present[pos[pos >= 1].cpu() - 1] = True
+            out[s, l] = (flag & present).sum() / flag.sum().clamp_min(1)
+    return out
+
+
+def object_recall(split, positions):
+    """Per vision layer: the share of a scene's object patches still present, averaged over all
+    scenes and over the most cluttered quarter (most object patches); and the Pearson r over scenes
+    between a scene's object patches and the patches it kept (> 0: more content, more tokens)."""
+    objects = [split.object_patches(i) for i in range(len(positions))]
+    per_scene = recall(objects, positions)                                          # (S, L)
+    count = torch.tensor([float(o.sum()) for o in objects])                         # (S,)
+    cluttered = count.argsort(descending=True)[: max(1, len(count) // 4)]
+    kept = torch.tensor([[float((pos >= 1).sum()) for pos in per_layer] for per_layer in positions])   # (S, L)
+    return dict(per_layer=per_scene.mean(0).tolist(), cluttered=per_scene[cluttered].mean(0).tolist(),
+                pearson_r=[pearson(count, k) for k in kept.t()])
+
+
+def pearson(x, y):
+    """Pearson correlation of two (S,) tensors; 0 where either does not vary (e.g. dense)."""
+    x, y = x - x.mean(), y - y.mean()
+    return (x @ y / (x.norm() * y.norm()).clamp_min(1e-12)).item()
+
+
+def content_recall(split, tokenizer, positions):
+    """Per text or fusion layer: the share of a caption's content words still present, averaged."""
+    content = [torch.tensor(split.content_words(c)[: tokenizer.max_len - 1] or [False]) for c in range(len(positions))]
+    return recall(content, positions).mean(0).tolist()
 
 
 def content_share(split, tokenizer, positions):
@@ -723,15 +793,16 @@ def add_speed(cfg, run, rows, models, split, tokenizer):
 # tokens.png: what the pruner kept
 
 def draw_tokens(split, tokenizer, imgs, txts, fus, path, num, vcfg):
-    """For a few test samples: the image, then per vision layer the image with its pruned patches
-    dimmed; below, the caption once per text and fusion layer with the kept words boxed in green."""
+    """For a few test scenes, sparse and cluttered: the image, then per vision layer the image with
+    its pruned patches dimmed; below, the caption once per text and fusion layer with the kept words
+    boxed in green."""
     from torchvision.io import write_png
     from torchvision.utils import make_grid
 
     scale, p = max(1, 192 // vcfg.image_size), vcfg.patch_size
     grid = vcfg.image_size // p
     rows = []
-    for i in range(min(num, split.num_images)):
+    for i in drawn_scenes(split, num):
         img = (split.image(i) * torch.tensor(data.IMAGE_STD)[:, None, None] + torch.tensor(data.IMAGE_MEAN)[:, None, None])
         img = (img.clamp(0, 1) * 255).to(torch.uint8)
         panels = [img]
@@ -752,6 +823,14 @@ def draw_tokens(split, tokenizer, imgs, txts, fus, path, num, vcfg):
     W = max(r.shape[2] for r in rows)
     picture = make_grid([pad_width(r, W) for r in rows], nrow=1, padding=8, pad_value=255)
     write_png(picture, str(path))
+
+
+def drawn_scenes(split, num):
+    """The num // 2 test scenes with the fewest object patches, then those with the most: where a
+    budget that follows content must differ most."""
+    count = torch.stack([split.object_patches(i).sum() for i in range(split.num_images)])
+    order = count.argsort(stable=True).tolist()
+    return order[: num // 2] + order[len(order) - (num - num // 2):]
 
 
 WORD_W, WORD_H = 7, 16   # pixels per character and per line of the caption strips
@@ -819,9 +898,15 @@ def table(rows, eval_bs):
             lines.append(f"  {name:<16}{e:<8}" + "  ".join(f"{mu:5.1f}±{sd:<4.1f}" for mu, sd in per_layer))
     for name, m in rows.items():
         if "object_share" in m:
-            lines.append(f"  {name:<16}kept patches on objects per vision layer: "
-                         + " ".join(f"{s:.0%}" for s in m["object_share"]["per_layer"])
-                         + f" (all patches: {m['object_share']['all_patches']:.0%})")
+            o, c = m["object_recall"], m["content_recall"]
+            lines.append(f"\n  {name}: what the pruner kept, against the scenes' ground truth (per layer)")
+            lines.append("    kept patches on objects:        " + " ".join(f"{s:5.0%}" for s in m["object_share"]["per_layer"])
+                         + f"   (all patches: {m['object_share']['all_patches']:.0%})")
+            lines.append("    object patches still present:   " + " ".join(f"{s:5.2f}" for s in o["per_layer"]))
+            lines.append("      in the most cluttered 25%:    " + " ".join(f"{s:5.2f}" for s in o["cluttered"]))
+            lines.append("    r(object patches, kept):        " + " ".join(f"{s:5.2f}" for s in o["pearson_r"]))
+            lines.append("    content words present, text:    " + " ".join(f"{s:5.2f}" for s in c["text"])
+                         + "   fusion: " + " ".join(f"{s:5.2f}" for s in c["fusion"]))
     return "\n".join(lines)
 
 
@@ -876,10 +961,11 @@ def eval_only(cfg, run, path, profile=False, beta=None):
     model.load_state_dict(ckpt["model"])
     madtp = None
     if ckpt["kind"] == "compressed":
-        madtp = MADTP(MADTPConfig(**ckpt["madtp_config"]), vcfg.dim).to(run.device)
+        madtp = MADTP(MADTPConfig(**ckpt["madtp_config"]), vcfg.dim, depths(vcfg)).to(run.device)
         madtp.load_state_dict(ckpt["madtp"])
         if beta is not None:   # e.g. near 0: how the fine-tuned weights do without pruning
             madtp.beta.fill_(beta)
+            fit_bars(cfg, run, model, madtp, splits["val"], tokenizer)
     m = evaluate(cfg, run, model, madtp, splits["test"], tokenizer)
     rows = dict(dense=dict(gflops=m["gflops_dense"]), model=m)   # the same network unpruned, for speedups
     add_speed(cfg, run, rows, dict(dense=(model, None), model=(model, madtp)), splits["test"], tokenizer)
@@ -905,13 +991,44 @@ def parse_list(text, kind, flag):
 # ---------------------------------------------------------------------------------------------
 # the comparison behind the README's results table (SPEC section 7)
 
-def compare(cfg, run, ratios, seeds):
-    """One dense model (trained with --seed), then every method at every reduction fine-tuned from
-    it with the same steps, once per fine-tuning seed, all evaluated on the test split; writes
-    results.json and results.md. Finished checkpoints and their evaluations are reused, so an
-    interrupted comparison continues where it stopped, and seeds can run as separate processes."""
+# The budget-rule ablation (README): MADTP with each way of sharing β's cut, and cls-static for
+# reference. stem: (label, TrainConfig overrides; τ is given where the rule was measured with it)
+ABLATION = {
+    "global": ("one global β, τ = 1 (as first built)", dict(budget="global", tau=1.0)),
+    "global-tau0.1": ("one global β, τ = 0.1", dict(budget="global", tau=0.1)),
+    "encoder": ("a β per encoder, τ = 1", dict(budget="encoder", tau=1.0)),
+    "layer": ("a β per layer, τ = 1", dict(budget="layer", tau=1.0)),
+    "back": ("a β per layer, back-loaded shares, τ = 1", dict(budget="back", tau=1.0)),
+    "layer-margin": ("a β per layer, margin rule, τ = 1", dict(budget="layer", rule="margin", tau=1.0)),
+    "layer-tau0.1": ("a β per layer, τ = 0.1 (default)", dict(budget="layer", tau=0.1)),
+    "global-from2": ("one global β, τ = 1, pruning from layer 2", dict(budget="global", first_layer=1, tau=1.0)),
+    "global-from2-tau0.1": ("one global β, τ = 0.1, pruning from layer 2", dict(budget="global", first_layer=1, tau=0.1)),
+    "layer-from2": ("a β per layer, τ = 1, pruning from layer 2", dict(budget="layer", first_layer=1, tau=1.0)),
+    "cls-static": ("reference: cls-static", dict(method="cls-static")),   # τ does not enter cls-static
+    "cls-static-from2": ("reference: cls-static, pruning from layer 2", dict(method="cls-static", first_layer=1, tau=1.0)),
+}
+
+
+def compare(cfg, run, ratios, seeds, only=None):
+    """Every method (SPEC section 7) at every reduction: results.json and results.md, timed."""
+    arms = {m: (m, dict(method=m)) for m in only or METHODS}
+    return sweep(cfg, run, ratios, seeds, arms, "results", timed=True)
+
+
+def ablation(cfg, run, ratios, seeds, only=None):
+    """MADTP under each budget rule of ABLATION: ablation-<ratios>.json and .md, untimed."""
+    arms = {stem: (ABLATION[stem][0], dict(dict(method="madtp"), **ABLATION[stem][1])) for stem in only or ABLATION}
+    return sweep(cfg, run, ratios, seeds, arms, "ablation-" + "-".join(f"{p:.2f}" for p in ratios), timed=False)
+
+
+def sweep(cfg, run, ratios, seeds, arms, name, timed):
+    """One dense model (trained with --seed), then every arm {stem: (label, config overrides)} at
+    every reduction fine-tuned from it with the same steps, once per fine-tuning seed, all evaluated
+    on the test split; writes <name>.json and <name>.md. Finished checkpoints and their evaluations
+    are reused, so an interrupted sweep continues where it stopped, and seeds (or ratios) can run
+    as separate processes before one run collects them."""
     if run.distributed:
-        fail("--compare runs in one process; start it without torchrun")
+        fail("--compare and --ablation run in one process; start them without torchrun")
     vcfg, splits, tokenizer = build(cfg, run)
     test, base = splits["test"], run.out
     dense = stage_dense(cfg, run, vcfg, splits, tokenizer)
@@ -919,39 +1036,38 @@ def compare(cfg, run, ratios, seeds):
     for seed in seeds:
         run.out = base / f"seed{seed}"
         run.out.mkdir(parents=True, exist_ok=True)
-        scfg = replace(cfg, seed=seed)
         seed_rows, models = {}, {}
         for p in [0.0] + ratios:
-            for method in (["dense"] if p == 0 else METHODS):
-                mcfg = replace(scfg, method=method if p else cfg.method, prune_ratio=p)
-                model, madtp = (dense, None) if p == 0 else stage_compress(mcfg, run, vcfg, splits, tokenizer, dense)
-                cache = (run.out / f"{method}-{p:.2f}.eval.json") if p else (base / "dense.eval.json")
+            for stem, (label, over) in ({"dense": ("dense", {})} if p == 0 else arms).items():
+                acfg = replace(cfg, seed=seed, prune_ratio=p, **over)
+                model, madtp = (dense, None) if p == 0 else stage_compress(acfg, run, vcfg, splits, tokenizer, dense, stem)
+                cache = (run.out / f"{stem}-{p:.2f}.eval.json") if p else (base / "dense.eval.json")
                 if cache.exists():   # accuracy and GFLOPs of a finished checkpoint never change
                     m = json.loads(cache.read_text())
                 else:
-                    run.log(f"evaluating {method} at {p:.0%} (seed {seed}) on the test split")
-                    m = evaluate(mcfg, run, model, madtp, test, tokenizer)
+                    run.log(f"evaluating {label} at {p:.0%} (seed {seed}) on the test split")
+                    m = evaluate(acfg, run, model, madtp, test, tokenizer)
                     write_json(cache, m)
-                name = "dense" if p == 0 else f"{method} {p:.2f}"
-                seed_rows[name], models[name] = dict(m, seed=seed, method=method, target=p), (model, madtp)
-        # timings are always taken anew, all models of a seed in turns, so every ratio is of one run
-        run.log(f"timing {len(models)} models (seed {seed})")
-        add_speed(cfg, run, seed_rows, models, test, tokenizer)
+                key = "dense" if p == 0 else f"{stem} {p:.2f}"
+                seed_rows[key], models[key] = dict(m, seed=seed, method=label, target=p), (model, madtp)
+        if timed:   # timings are always taken anew, all models of a seed in turns: every ratio is of one run
+            run.log(f"timing {len(models)} models (seed {seed})")
+            add_speed(cfg, run, seed_rows, models, test, tokenizer)
         for m in seed_rows.values():
             m["drop"] = seed_rows["dense"]["r_mean"] - m["r_mean"]
         rows += seed_rows.values()
     run.out = base
-    summary = summarise(rows)
-    write_json(base / "results.json", dict(rows=rows, summary=summary, seeds=seeds, ratios=ratios,
+    summary = summarise(rows, timed)
+    write_json(base / f"{name}.json", dict(rows=rows, summary=summary, seeds=seeds, ratios=ratios,
                                            config=asdict(cfg), model=asdict(vcfg)))
-    md = results_table(summary, seeds, cfg.eval_batch_size)
-    (base / "results.md").write_text(md + "\n")
+    md = (results_table if timed else ablation_table)(summary, seeds, cfg.eval_batch_size)
+    (base / f"{name}.md").write_text(md + "\n")
     run.log(md)
-    run.log(f"\nwrote {base / 'results.md'} and {base / 'results.json'}")
+    run.log(f"\nwrote {base / (name + '.md')} and {base / (name + '.json')}")
     return summary
 
 
-def summarise(rows):
+def summarise(rows, timed=True):
     """Mean and standard deviation over seeds of every number, per (method, target)."""
     groups = {}
     for r in rows:
@@ -962,24 +1078,36 @@ def summarise(rows):
             v = torch.tensor([float(get(r)) for r in rs])
             return [v.mean().item(), v.std().item() if len(v) > 1 else 0.0]
         row = dict(method=method, target=target, seeds=len(rs))
+        speed = ("gflops_executed_batch", "pairs_per_s_batch1", "pairs_per_s_batch", "speedup_batch1",
+                 "speedup_batch", "ideal_speedup")
         for key in ("gflops_reduction", "gflops", "r_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
-                    "t2i_r10", "drop", "gflops_executed_batch", "pairs_per_s_batch1", "pairs_per_s_batch", "speedup_batch1",
-                    "speedup_batch", "ideal_speedup"):
+                    "t2i_r10", "drop") + (speed if timed else ()):
             row[key] = stat(lambda r: r[key])
         for e in ENCODERS:   # tokens kept per layer, averaged over the encoder's layers
             row[f"kept_{e}"] = stat(lambda r: sum(mu for mu, _ in r["kept_tokens"][e]) / len(r["kept_tokens"][e]))
         if "object_share" in rs[0]:
             row["object_share"] = stat(lambda r: sum(r["object_share"]["per_layer"]) / len(r["object_share"]["per_layer"]))
+            row["object_recall"] = stat(lambda r: r["object_recall"]["per_layer"][-1])
+            row["object_recall_cluttered"] = stat(lambda r: r["object_recall"]["cluttered"][-1])
+            row["pearson_r"] = stat(lambda r: r["object_recall"]["pearson_r"][-1])
+            row["content_recall"] = stat(lambda r: r["content_recall"]["text"][-1])
+        row["kept_per_layer"] = {e: [sum(r["kept_tokens"][e][l][0] for r in rs) / len(rs)
+                                     for l in range(len(rs[0]["kept_tokens"][e]))] for e in ENCODERS}
         out.append(row)
     return out
 
 
+def spread_format(seeds):
+    """(mean, std) -> "mean ± std" when there are several seeds, else "mean"."""
+    return (lambda v, f: f"{v[0]:{f}} ± {v[1]:{f}}") if len(seeds) > 1 else (lambda v, f: f"{v[0]:{f}}")
+
+
 def results_table(summary, seeds, eval_bs):
     """results.md: one row per (method, target GFLOPs reduction); ± is the spread over seeds."""
-    pm = (lambda v, f: f"{v[0]:{f}} ± {v[1]:{f}}") if len(seeds) > 1 else (lambda v, f: f"{v[0]:{f}}")
+    pm = spread_format(seeds)
     cols = ["method", "target", "reduction", "GFLOPs/pair", f"executed @{eval_bs}", "r_mean", "drop",
-            "i2t R@1/5/10", "t2i R@1/5/10",
-            "kept v/t/f", "on objects", f"pairs/s @1 / @{eval_bs}", f"speedup @1 / @{eval_bs}", "ideal",
+            "i2t R@1/5/10", "t2i R@1/5/10", "kept v/t/f", "on objects", "object recall, all / cluttered 25%",
+            "r(objects, kept)", f"pairs/s @1 / @{eval_bs}", f"speedup @1 / @{eval_bs}", "ideal",
             f"measured/ideal @{eval_bs}"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
@@ -989,10 +1117,27 @@ def results_table(summary, seeds, eval_bs):
             "/".join(f"{r[f'i2t_r{k}'][0]:.1f}" for k in (1, 5, 10)),
             "/".join(f"{r[f't2i_r{k}'][0]:.1f}" for k in (1, 5, 10)),
             "/".join(f"{r[f'kept_{e}'][0]:.1f}" for e in ENCODERS),
-            f"{r['object_share'][0]:.0%}" if "object_share" in r else "-",
+            *([f"{r['object_share'][0]:.0%}", pm(r["object_recall"], ".2f") + " / " + pm(r["object_recall_cluttered"], ".2f"),
+               pm(r["pearson_r"], "+.2f")] if "object_share" in r else ["-"] * 3),
             f"{r['pairs_per_s_batch1'][0]:.0f} / {r['pairs_per_s_batch'][0]:.0f}",
             f"{r['speedup_batch1'][0]:.2f} / {r['speedup_batch'][0]:.2f}", f"{r['ideal_speedup'][0]:.2f}",
             f"{r['speedup_batch'][0] / r['ideal_speedup'][0]:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(summary, seeds, eval_bs):
+    """ablation.md: one row per (budget rule, target): accuracy, where the cuts fall, what they hit."""
+    pm = spread_format(seeds)
+    cols = ["budget rule", "target", "reduction", "r_mean", "drop", "vision tokens per layer", "text", "fusion",
+            "object recall, all / cluttered 25%", "r(objects, kept)", "content-word recall"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in summary:
+        kept = r["kept_per_layer"]
+        lines.append("| " + " | ".join([
+            r["method"], f"{r['target']:.0%}", pm([100 * x for x in r["gflops_reduction"]], ".1f") + "%",
+            pm(r["r_mean"], ".1f"), pm(r["drop"], ".1f")] + [" → ".join(f"{k:.1f}" for k in kept[e]) for e in ENCODERS] + [
+            f"{r['object_recall'][0]:.2f} / {r['object_recall_cluttered'][0]:.2f}", f"{r['pearson_r'][0]:+.2f}",
+            f"{r['content_recall'][0]:.2f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -1009,6 +1154,7 @@ def parse_args(argv=None):
     p.add_argument("--prune", help="encoders that prune, comma-separated (default vision,text,fusion)")
     p.add_argument("--num-align-tokens", type=int, help="M, the number of alignment tokens")
     p.add_argument("--alpha", type=float, help="α, the weight of L_align")
+    p.add_argument("--tau", type=float, help="τ, the temperature of the threshold θ's softmax")
     p.add_argument("--out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--eval-only", metavar="CKPT", help="re-evaluate a checkpoint on its test split")
@@ -1024,7 +1170,13 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int)
     p.add_argument("--save-every", type=int, help="steps between checkpoints")
     p.add_argument("--compare", metavar="P,P,...", help="fine-tune every method at each reduction (results.md)")
-    p.add_argument("--seeds", metavar="S,S,...", help="with --compare: seeds to average over")
+    p.add_argument("--ablation", metavar="P,P,...", help="fine-tune MADTP with each budget rule at each reduction (ablation.md)")
+    p.add_argument("--seeds", metavar="S,S,...", help="with --compare or --ablation: seeds to average over")
+    p.add_argument("--arms", metavar="A,A,...", help="with --compare or --ablation: only these methods or rules "
+                   f"(ablation: {','.join(ABLATION)}), e.g. to split the work over processes")
+    p.add_argument("--budget", choices=BUDGETS, help="how β's cut is shared across layers (default layer)")
+    p.add_argument("--rule", choices=RULES, help="the keep statistic a fitted bar is compared with (default ratio)")
+    p.add_argument("--first-layer", type=int, help="first pruned layer of every encoder (default 0)")
     args = p.parse_args(argv)
     preset = args.preset or ("coco" if args.data == "coco" else "default")
     values = dict(PRESETS[preset], preset=preset)
@@ -1049,9 +1201,14 @@ def main(argv=None):
     try:
         if args.eval_only:
             eval_only(cfg, run, args.eval_only, args.profile, args.beta)
-        elif args.compare:
-            compare(cfg, run, parse_list(args.compare, float, "--compare"),
-                    parse_list(args.seeds or str(cfg.seed), int, "--seeds"))
+        elif args.compare or args.ablation:
+            known = METHODS if args.compare else ABLATION
+            only = parse_list(args.arms or "", str, "--arms")
+            if set(only) - set(known):
+                fail(f"--arms takes {', '.join(known)}; got {args.arms!r}")
+            sweep_of = compare if args.compare else ablation
+            sweep_of(cfg, run, parse_list(args.compare or args.ablation, float, "--compare/--ablation"),
+                     parse_list(args.seeds or str(cfg.seed), int, "--seeds"), only)
         else:
             main_job(cfg, run)
     finally:
