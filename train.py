@@ -708,16 +708,19 @@ def pearson(x, y):
     return (x @ y / (x.norm() * y.norm()).clamp_min(1e-12)).item()
 
 
+def content_flags(split, tokenizer, num):
+    """Per caption c < num: which of the words the tokenizer keeps carry content. [(n_c,) bool]"""
+    return [torch.tensor(split.content_words(c)[: tokenizer.max_len - 1] or [False]) for c in range(num)]
+
+
 def content_recall(split, tokenizer, positions):
     """Per text or fusion layer: the share of a caption's content words still present, averaged."""
-    content = [torch.tensor(split.content_words(c)[: tokenizer.max_len - 1] or [False]) for c in range(len(positions))]
-    return recall(content, positions).mean(0).tolist()
+    return recall(content_flags(split, tokenizer, len(positions)), positions).mean(0).tolist()
 
 
 def content_share(split, tokenizer, positions):
     """Per text layer: the share of kept words that carry content (colour, shape, size, place)."""
-    content = [torch.tensor(split.content_words(c)[: tokenizer.max_len - 1] or [False]) for c in range(len(positions))]
-    return dict(per_layer=kept_share(content, positions))
+    return dict(per_layer=kept_share(content_flags(split, tokenizer, len(positions)), positions))
 
 
 def bench_batches(cfg, run, split, tokenizer, batch_size):
