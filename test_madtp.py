@@ -781,6 +781,24 @@ def test_a_checkpoint_from_another_config_is_refused(tiny_run, tmp_path, capsys)
     assert "seed: 0 in the checkpoint, 1 now" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_another_version_is_refused(tiny_run, tmp_path, capsys):
+    ckpt = torch.load(tiny_run / "madtp-0.50.pt", weights_only=True)
+    ckpt["version"] = 1
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(SystemExit):
+        train.main(["--eval-only", str(tmp_path / "old.pt"), "--device", "cpu", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "version 1" in err and "train it again" in err and "Traceback" not in err
+
+
+def test_an_unreachable_target_is_said(tmp_path, capsys):
+    """The tiny model's text and fusion encoders have one layer each: from layer 2 on, only the
+    vision encoder's second layer prunes, and 90% is out of reach."""
+    train.main(FAST + ["--out", str(tmp_path), "--dense-steps", "20", "--prune-steps", "5", "--first-layer", "1",
+                       "--prune-ratio", "0.9"])
+    assert "misses the target 0.90" in capsys.readouterr().out
+
+
 def test_eval_only_does_not_depend_on_eval_batch_size(tiny_run, tmp_path):
     results = []
     for bs in ("1", "64"):

@@ -42,7 +42,8 @@ CALIBRATION_STEPS = 14           # bisection steps on log β; the range shrinks 
 CALIBRATION_SPAN = 8.0           # the search looks for β within this factor of where training left it
 WARMUP_RUNS = 3                  # timed forward passes thrown away before measuring pairs/s
 TIMING_REPEATS = 3               # pairs/s is the best of this many timed passes (the least disturbed)
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2          # 2: MADTP's budget rule and its per-layer bars β_ℓ
+TARGET_TOLERANCE = 0.02         # the calibrated reduction must land this close to the target (SPEC section 4)
 
 # Sizes per preset. "tiny" runs the whole pipeline in well under a minute on a laptop CPU (tests);
 # "default" is the synthetic-scene run the README reports; "coco" suits real photos.
@@ -175,7 +176,9 @@ def load_checkpoint(path):
     except Exception as e:  # a truncated or foreign file: say which, not torch's unpickling trace
         fail(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {str(e)[:200]})")
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        fail(f"{path} is not a checkpoint of this version of train.py")
+        version = ckpt.get("version") if isinstance(ckpt, dict) else None
+        fail(f"{path} is not a checkpoint of this version of train.py (it has version {version}, this train.py "
+             f"reads {CHECKPOINT_VERSION}); train it again, or use the train.py that wrote it")
     return ckpt
 
 
@@ -434,6 +437,9 @@ def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model, stem=None):
     beta, reduction = calibrate(cfg, run, model, madtp, splits["val"], tokenizer)
     madtp.beta.fill_(beta)
     run.log(f"stage 2: β calibrated on the validation split: β = {beta:.4f}, reduction {reduction:.3f}")
+    if abs(reduction - cfg.prune_ratio) > TARGET_TOLERANCE:
+        run.log(f"warning: the calibrated reduction {reduction:.3f} misses the target {cfg.prune_ratio:.2f}; this "
+                f"configuration may not reach it (--first-layer {cfg.first_layer} keeps whole layers unpruned)")
     if run.main:
         ckpt = load_checkpoint(path)
         ckpt.update(madtp=madtp.state_dict(), beta=beta, validation_reduction=reduction, calibrated=True)
