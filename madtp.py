@@ -57,7 +57,7 @@ class MADTPConfig:
     prune_vision: bool = True    # prune the vision encoder's patch tokens
     prune_text: bool = True      # prune the text encoder's word tokens
     prune_fusion: bool = True    # prune the text tokens of the fusion encoder
-    budget: str = "layer"        # one of BUDGETS: a fitted bar per layer, per encoder, or one global β
+    budget: str = "layer"        # one of BUDGETS: fitted bars per layer (even or back-loaded) or per encoder, or one β
     rule: str = "ratio"          # one of RULES: keep S > β_ℓ θ (SPEC), or n (S - θ) > β_ℓ
     first_layer: int = 0         # layers before this one (in every encoder) never prune (EViT: 4 of 12)
 
@@ -69,8 +69,10 @@ class MADTPConfig:
         if self.rule not in RULES:
             raise ValueError(f"unknown keep rule {self.rule!r}; choose one of {', '.join(RULES)}")
         if self.rule == "margin" and self.budget == "global":
-            raise ValueError("the margin rule needs a fitted bar (--budget layer or encoder): "
+            raise ValueError("the margin rule needs a fitted bar (--budget layer, back or encoder): "
                              "with one global β, β = 0 would no longer keep every token")
+        if self.first_layer < 0:
+            raise ValueError(f"first_layer counts layers from 0, got {self.first_layer}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,9 +174,15 @@ def top_k_mask(scores, v, k):
     return (rank < k[:, None]) & v
 
 
+def keep_share(beta):
+    """ρ = 1 / (1 + β): the share of its tokens a layer keeps under cls-static and the fitted
+    budgets, so that the same knob β (0 keeps all, larger prunes more) drives every method."""
+    return 1 / (1 + beta)
+
+
 def static_keep_count(n, beta):
-    """cls-static keeps the fixed share ρ = 1 / (1 + β) of each sample's tokens, so that the
-    same knob β (0 keeps all, larger prunes more) drives every method. n (B,) -> (B,)"""
+    """cls-static keeps the fixed share ρ = keep_share(β) of each sample's tokens, ceil(n ρ), written
+    as a division so that a whole n / (1 + β) is not pushed up by rounding. n (B,) -> (B,)"""
     return torch.minimum(torch.ceil(n / (1 + beta)), n).long()
 
 
@@ -354,7 +362,7 @@ class MADTP(nn.Module):
         e = ENCODERS.index(encoder)
         fits = self.training and (self.cfg.budget != "encoder" or layer == self.cfg.first_layer)
         if fits:   # the encoder budget fits at its first pruned layer and keeps that bar after it
-            rho = 1 / (1 + self.beta)
+            rho = keep_share(self.beta)
             if self.cfg.budget == "back":
                 k, K = layer - self.cfg.first_layer + 1, self.depths[encoder] - self.cfg.first_layer
                 rho = rho ** (2 * k / (K + 1))

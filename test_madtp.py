@@ -21,7 +21,7 @@ from torchvision.io import decode_image, encode_jpeg, read_file, write_file
 
 import data
 import train
-from madtp import (BUDGETS, ENCODERS, METHODS, MADTP, MADTPConfig, Trace, dense_hooks, gflops, dense_gflops,
+from madtp import (ENCODERS, METHODS, MADTP, MADTPConfig, Trace, dense_hooks, gflops, dense_gflops,
                    keep_mask, keep_statistic, package_weights, prune_tokens, threshold, normalise, alignment_loss,
                    share_threshold)
 from vlt import VLT, VLTConfig, task_loss

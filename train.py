@@ -438,8 +438,9 @@ def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model, stem=None):
     madtp.beta.fill_(beta)
     run.log(f"stage 2: β calibrated on the validation split: β = {beta:.4f}, reduction {reduction:.3f}")
     if abs(reduction - cfg.prune_ratio) > TARGET_TOLERANCE:
-        run.log(f"warning: the calibrated reduction {reduction:.3f} misses the target {cfg.prune_ratio:.2f}; this "
-                f"configuration may not reach it (--first-layer {cfg.first_layer} keeps whole layers unpruned)")
+        why = f" (--first-layer {cfg.first_layer} keeps whole layers unpruned)" if cfg.first_layer else ""
+        run.log(f"warning: the calibrated reduction {reduction:.3f} misses the target {cfg.prune_ratio:.2f}; "
+                f"this configuration may not reach it{why}")
     if run.main:
         ckpt = load_checkpoint(path)
         ckpt.update(madtp=madtp.state_dict(), beta=beta, validation_reduction=reduction, calibrated=True)
@@ -1069,7 +1070,7 @@ def sweep(cfg, run, ratios, seeds, arms, name, timed):
     summary = summarise(rows, timed)
     write_json(base / f"{name}.json", dict(rows=rows, summary=summary, seeds=seeds, ratios=ratios,
                                            config=asdict(cfg), model=asdict(vcfg)))
-    md = (results_table if timed else ablation_table)(summary, seeds, cfg.eval_batch_size)
+    md = results_table(summary, seeds, cfg.eval_batch_size) if timed else ablation_table(summary, seeds)
     (base / f"{name}.md").write_text(md + "\n")
     run.log(md)
     run.log(f"\nwrote {base / (name + '.md')} and {base / (name + '.json')}")
@@ -1134,8 +1135,8 @@ def results_table(summary, seeds, eval_bs):
     return "\n".join(lines)
 
 
-def ablation_table(summary, seeds, eval_bs):
-    """ablation.md: one row per (budget rule, target): accuracy, where the cuts fall, what they hit."""
+def ablation_table(summary, seeds):
+    """ablation-<ratios>.md: one row per (budget rule, target): accuracy, where the cuts fall, what they hit."""
     pm = spread_format(seeds)
     cols = ["budget rule", "target", "reduction", "r_mean", "drop", "vision tokens per layer", "text", "fusion",
             "object recall, all / cluttered 25%", "r(objects, kept)", "content-word recall"]
