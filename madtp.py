@@ -29,8 +29,14 @@ each concept proposes the score of the one token it matches best, and the weakes
 background token in any scene: S / θ is then "how far above this scene's background", and a
 cluttered scene keeps more tokens than an empty one (README, "Where the cuts fall").
 
-Shapes: B batch, N tokens of a sequence (0 is CLS), n = N - 1 prunable tokens, D width, H heads,
-M alignment tokens. `valid` (B, N) or `v` (B, n) is False for padding.
+On a GPU the pruned forward must not wait for the host: a layer's scores, threshold and keep
+decision run without reading any value back, and the one number a pruned layer reads is the length
+of its longest output sample, which sizes the shorter sequence (prune_tokens). Fitting the bars
+(training, calibration) reads nothing more.
+
+Shapes: B batch, N tokens of a sequence (0 is CLS), n = N - 1 prunable tokens, T real tokens of a
+packed batch (vlt.py), D width, H heads, M alignment tokens. `valid` (B, N) or `v` (B, n) is False
+for padding.
 """
 
 import math
@@ -39,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
+
+from vlt import Seq, pack, real_slots, unpack
 
 METHODS = ("madtp", "dtp-no-mag", "cls-static", "random")   # SPEC section 7 (dense = no MADTP at all)
 ENCODERS = ("vision", "text", "fusion")
@@ -85,10 +93,12 @@ def q(X):
     return X
 
 
-def mag_logits(X, T, v):
-    """a = q(X) Tᵀ / √D: how strongly each prunable token matches each concept. (B, n, M)"""
-    a = q(X) @ T.t().to(X.dtype) / math.sqrt(X.shape[-1])                     # (B, n, M)
-    return a.float().masked_fill(~v[:, :, None], float("-inf"))
+def mag_logits(x, seq, T):
+    """a = q(X) Tᵀ / √D: how strongly each prunable token X matches each concept. x (T, D) is the
+    packed sequence (vlt.py): the product runs on its real tokens, then a is laid out per sample,
+    -inf at padding. (B, n, M)"""
+    a = unpack(q(x) @ T.t().to(x.dtype) / math.sqrt(x.shape[-1]), seq)[:, 1:]      # (B, n, M)
+    return a.float().masked_fill(~seq.valid[:, 1:, None], float("-inf"))
 
 
 def concept_attention(a):
@@ -110,28 +120,34 @@ def alignment_loss(F_v, F_t):
 # DTP: token importance scores, threshold and pruning (SPEC section 3)
 
 def normalise(s, v):
-    """Zero the padding and make each sample's scores sum to 1 over its valid prunable tokens."""
+    """Zero the padding and make scores sum to 1 over each sample's valid prunable tokens (last dim)."""
     s = s * v
-    return s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    return s / s.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
 
 
-def cls_score(A, v):
-    """S_cls[j]: attention from CLS to token j, mean over heads. A (B, H, N, N) -> (B, n).
+def cls_score(A):
+    """S_cls[j]: attention from CLS to token j, mean over heads. A (B, H, N, N) -> (B, n), unnormalised.
     (Official: heads weighted by the norm of their output; plain mean here.)"""
-    return normalise(A[:, :, 0, 1:].mean(dim=1), v)
+    return A[:, :, 0, 1:].mean(dim=1)
 
 
 def self_score(A, v):
     """S_self[j] = Σ_i max_h A[h, i, j] over valid prunable queries i: how much the other tokens
-    look at j. (B, n)"""
+    look at j. (B, n), unnormalised; the sum over queries is one batched product."""
     look = A[:, :, 1:, 1:].amax(dim=1)                                          # (B, n_query, n_key)
-    return normalise((look * v[:, :, None]).sum(dim=1), v)
+    return (v[:, None, :].to(look.dtype) @ look)[:, 0]                          # (B, 1, n) @ (B, n, n)
 
 
-def mag_score(P, v):
-    """S_mag[j] = max_m P[j, m]: how strongly some concept attends to j. (B, n)
+def mag_score(P):
+    """S_mag[j] = max_m P[j, m]: how strongly some concept attends to j. (B, n), unnormalised.
     (Official: max_m of the raw logits a, which can be negative; the softmax form is well defined.)"""
-    return normalise(P.amax(dim=2), v)
+    return P.amax(dim=2)
+
+
+def importance(scores, v):
+    """S = the mean of the scores, each normalised to sum 1 over the sample's tokens, all in one
+    normalisation: scores (B, k, n) stacked S_cls, S_self[, S_mag] -> S (B, n)."""
+    return normalise(scores, v[:, None, :]).mean(dim=1)
 
 
 def threshold(a, S, tau):
@@ -161,10 +177,13 @@ def keep_statistic(S, theta, v, rule):
 def share_threshold(statistic, v, rho):
     """The bar β_ℓ above which a share ρ of the valid tokens lies, pooled over the batch: the batch
     keeps ceil(ρ T) of its T tokens, but each sample as many as it has above the bar. ρ = 1 keeps
-    all. Reads one count on the host: only fitting (training, calibration) calls it."""
-    s = statistic[v].sort(descending=True).values                                   # (T,) pooled
-    k = math.ceil(round(float(rho) * len(s), 4))   # round: ρ = 0.4 in float32 times 80 is 32.0000005
-    return s[k] if k < len(s) else torch.tensor(float("-inf"), device=s.device)
+    all. Computed where the tokens are, with nothing read on the host."""
+    s = statistic.masked_fill(~v, float("-inf")).flatten().sort(descending=True).values   # (B * n,) valid first
+    T = v.sum()
+    # round: ρ = 0.4 in float32 times 80 is 32.0000005; double, as Python's float would be
+    rho = torch.as_tensor(rho, dtype=torch.float64, device=T.device)
+    k = torch.ceil(torch.round(rho * T, decimals=4)).long()
+    return torch.where(k < T, s[k.clamp(max=len(s) - 1)], float("-inf"))
 
 
 def top_k_mask(scores, v, k):
@@ -186,14 +205,22 @@ def static_keep_count(n, beta):
     return torch.minimum(torch.ceil(n / (1 + beta)), n).long()
 
 
-def random_scores(encoder, layer, v):
+def random_table(depths, max_tokens):
     """The random baseline's scores: a fixed pseudo-random number per (encoder, layer, k) for the
     k-th valid token of a sample, blind to content. Fixed rather than redrawn, and indexed by k
-    rather than by slot, so that a sample's result never depends on its batch or on when it runs
-    (in a batch, padding sits between a sample's kept tokens and its package token). (B, n)"""
-    g = torch.Generator().manual_seed(RANDOM_SEED + 1000 * ENCODERS.index(encoder) + layer)
-    table = torch.rand(v.shape[1], generator=g).to(v.device)                      # (n,)
-    k = (v.cumsum(dim=1) - 1).clamp_min(0)                                        # (B, n)
+    rather than by slot, so that a sample's result never depends on its batch or on when it runs.
+    Drawn once on the CPU (the same numbers on every device). (E, L, max_tokens)"""
+    table = torch.zeros(len(ENCODERS), max(depths), max_tokens)
+    for e in range(len(ENCODERS)):
+        for layer in range(max(depths)):
+            g = torch.Generator().manual_seed(RANDOM_SEED + 1000 * e + layer)
+            table[e, layer] = torch.rand(max_tokens, generator=g)
+    return table
+
+
+def random_scores(table, v):
+    """table (max_tokens,) one layer's row of random_table -> the scores of v's tokens. (B, n)"""
+    k = (v.cumsum(dim=1) - 1).clamp_min(0)                                        # (B, n) rank among valid
     return table[k]
 
 
@@ -203,30 +230,33 @@ def package_weights(S, fused):
     return normalise(S, fused)
 
 
-def prune_tokens(x, keep, S, valid):
-    """[CLS, kept tokens in original order, x_fuse], padded to the batch's largest keep count.
+def prune_tokens(x, seq, keep, S):
+    """[CLS, kept tokens in original order, x_fuse] per sample, on the packed stream.
 
-    x (B, N, D), keep and S (B, n), valid (B, N). Returns x (B, N', D), valid (B, N') and
-    idx (B, K), the prunable index each kept slot came from. Each sample keeps its own count; the
-    padding slots are zeroed and masked, so no later layer sees them (SPEC section 3, batches).
+    x (T, D) packed with its Seq (vlt.py), keep and S (B, n). Returns the new packed x (T', D), its
+    Seq, and idx (B, W-1): slot 1 + j of a sample holds its prunable token idx[b, j] while j < its
+    keep count; then comes its package token if it pruned anything, then padding, which no later
+    layer sees (SPEC section 3, batches). Reads W and T', the new sequence's size: one host sync.
     """
-    B, N, D = x.shape
+    valid = seq.valid
+    B, N = valid.shape
     fused = valid[:, 1:] & ~keep                                                   # (B, n)
     count = keep.sum(dim=1)                                                        # (B,)
-    K = int(count.max())
+    length = 1 + count + fused.any(dim=1)                                          # (B,) CLS, kept, package
+    W, T = torch.stack([length.max(), length.sum()]).tolist()                      # the layer's one host sync
     # kept tokens first, in their original order: sort by (pruned?, position)
     position = torch.arange(N - 1, device=x.device)
-    idx = ((~keep) * N + position).argsort(dim=1)[:, :K]                           # (B, K)
-    kept = x[:, 1:].gather(1, idx[:, :, None].expand(B, K, D))                      # (B, K, D)
-    kept_valid = torch.arange(K, device=x.device)[None, :] < count[:, None]        # (B, K)
-    parts, masks = [x[:, :1], kept * kept_valid[:, :, None]], [valid[:, :1], kept_valid]
-    has_fuse = fused.any(dim=1)                                                    # (B,)
-    if has_fuse.any():  # nothing pruned anywhere: no package slot, the sequence stays as it was
-        w = package_weights(S, fused)                                              # (B, n)
-        x_fuse = w.to(x.dtype)[:, None, :] @ x[:, 1:]                               # (B, 1, n) @ (B, n, D)
-        parts.append(x_fuse.to(kept.dtype))
-        masks.append(has_fuse[:, None])
-    return torch.cat(parts, dim=1), torch.cat(masks, dim=1), idx
+    idx = ((~keep) * N + position).argsort(dim=1)[:, : W - 1]                      # (B, W-1)
+    row = unpack(torch.arange(len(x), device=x.device), seq)                       # (B, N) packed row of each slot
+    src = torch.cat([row[:, :1], row[:, 1:].gather(1, idx)], dim=1)                 # (B, W) the row each slot copies
+    slot = torch.arange(W, device=x.device)[None, :]                               # (1, W)
+    valid_out = slot < length[:, None]                                             # (B, W)
+    out = Seq(valid_out, real_slots(valid_out, T))
+    x_fuse = package_weights(S, fused).to(x.dtype)[:, None, :] @ unpack(x, seq)[:, 1:]   # (B, 1, n) @ (B, n, D)
+    is_package = pack(slot == 1 + count[:, None], out)                             # (T',)
+    x = torch.where(is_package[:, None], x_fuse[:, 0].index_select(0, out.flat // W),  # (T', D)
+                    x.index_select(0, pack(src, out)))
+    return x, out, idx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,16 +277,17 @@ class Trace:
         self._pos = {}                             # encoder -> (B, N) original index per slot
 
     def record(self, encoder, valid_in, valid_out, idx=None, packaged=None, concepts=0, features=False):
-        """idx (B, K): the prunable slot each kept token came from (None: nothing was pruned);
-        packaged (B,): which samples built a package token; concepts: M if MAG's logits a were
-        computed, else 0; features: whether f_l was. The last three only count MADTP's own MACs."""
+        """idx (B, W-1): the prunable slot each kept token came from, as prune_tokens returns it
+        (None: nothing was pruned); packaged (B,): which samples built a package token; concepts: M
+        if MAG's logits a were computed, else 0; features: whether f_l was. The last three only
+        count MADTP's own MACs."""
         rec = dict(n_in=valid_in.sum(dim=1), n_out=valid_out.sum(dim=1), packaged=packaged,
                    concepts=concepts, features=features)
         if self.positions:
-            rec["kept"] = self._pos[encoder] = self._positions(encoder, valid_in, valid_out, idx)
+            rec["kept"] = self._pos[encoder] = self._positions(encoder, valid_in, rec, idx)
         self.layers[encoder].append(rec)
 
-    def _positions(self, encoder, valid_in, valid_out, idx):
+    def _positions(self, encoder, valid_in, rec, idx):
         """(B, N') original token index of every slot after this layer; -1 marks a package token
         or padding. The fusion encoder's text tokens continue the text encoder's numbering."""
         B, N = valid_in.shape
@@ -268,10 +299,10 @@ class Trace:
         pos = self._pos[encoder]
         if idx is None:
             return pos
-        K = idx.shape[1]
-        kept = pos[:, 1:].gather(1, idx).masked_fill(~valid_out[:, 1:K + 1], -1)      # (B, K)
-        package = torch.full((B, valid_out.shape[1] - 1 - K), -1, device=pos.device)  # (B, 0 or 1)
-        return torch.cat([pos[:, :1], kept, package], dim=1)
+        count = rec["n_out"] - 1 - rec["packaged"].long()                             # (B,) kept tokens
+        slot = torch.arange(idx.shape[1], device=pos.device)[None, :]                 # (1, W-1)
+        kept = pos[:, 1:].gather(1, idx).masked_fill(slot >= count[:, None], -1)      # (B, W-1)
+        return torch.cat([pos[:, :1], kept], dim=1)
 
 
 def dense_hooks(trace):
@@ -281,9 +312,9 @@ def dense_hooks(trace):
 
 def count_only(trace, encoder):
     """A hook that prunes nothing and only counts: for dense models and switched-off encoders."""
-    def hook(layer, x_in, x, valid, A):
-        trace.record(encoder, valid, valid)
-        return x, valid
+    def hook(layer, x_in, x, seq, A):
+        trace.record(encoder, seq.valid, seq.valid)
+        return x, seq
     return hook
 
 
@@ -293,26 +324,28 @@ class MADTP(nn.Module):
     β_ℓ for the share ρ that β asks for) and uses the frozen bars in eval mode, so that a sample's
     result never depends on its batch-mates at evaluation."""
 
-    def __init__(self, cfg: MADTPConfig, dim: int, depths: tuple):
+    def __init__(self, cfg: MADTPConfig, dim: int, depths: tuple, max_tokens: int):
         super().__init__()
         self.cfg, self.depths = cfg, dict(zip(ENCODERS, depths))   # (L_v, L_t, L_f)
         self.T = nn.Parameter(torch.randn(cfg.num_align_tokens, dim))   # N(0, 1), as official
         self.register_buffer("beta", torch.tensor(0.0))                  # β, set by the controller
         # β_ℓ per (encoder, layer) for the fitted budgets; -inf (keep all) until first fitted
         self.register_buffer("bars", torch.full((len(ENCODERS), max(depths)), float("-inf")))
+        # the random baseline's fixed scores; rebuilt from RANDOM_SEED, so not saved in checkpoints
+        self.register_buffer("random", random_table(depths, max_tokens), persistent=False)
 
     def prunes(self, encoder, layer):
         on = {"vision": self.cfg.prune_vision, "text": self.cfg.prune_text, "fusion": self.cfg.prune_fusion}
         return on[encoder] and layer >= self.cfg.first_layer
 
     def hook(self, encoder, trace: Trace):
-        def prune(layer, x_in, x, valid, A):
+        def prune(layer, x_in, x, seq, A):
             if self.prunes(encoder, layer):
-                return self.prune_layer(encoder, layer, x_in, x, valid, A, trace)
+                return self.prune_layer(encoder, layer, x_in, x, seq, A, trace)
             if self.aligns(encoder, trace):  # keeps every token, but still feeds L_align
-                v = valid[:, 1:]
-                self.add_features(encoder, concept_attention(mag_logits(x_in[:, 1:], self.T, v)), x_in[:, 1:], trace)
-            return count_only(trace, encoder)(layer, x_in, x, valid, A)
+                P = concept_attention(mag_logits(x_in, seq, self.T))
+                self.add_features(encoder, P, unpack(x_in, seq)[:, 1:], trace)
+            return count_only(trace, encoder)(layer, x_in, x, seq, A)
         return prune
 
     def aligns(self, encoder, trace):
@@ -324,35 +357,35 @@ class MADTP(nn.Module):
         f = concept_features(P, X)
         trace.F[encoder] = trace.F[encoder] + f if encoder in trace.F else f
 
-    def prune_layer(self, encoder, layer, x_in, x, valid, A, trace):
-        """SPEC section 3 in one layer: scores S, threshold θ, keep S > βθ, package the rest."""
-        cfg = self.cfg
-        X, v = x_in[:, 1:], valid[:, 1:]           # (B, n, D), (B, n): MAG reads the layer's input
-        S_cls = cls_score(A, v)
+    def prune_layer(self, encoder, layer, x_in, x, seq, A, trace):
+        """SPEC section 3 in one layer: scores S, threshold θ, keep S > βθ, package the rest.
+        x_in, x (T, D) packed: MAG reads the layer's input x_in, the pruning packages x."""
+        cfg, valid = self.cfg, seq.valid
+        v = valid[:, 1:]                                                           # (B, n)
         concepts, features = 0, False
         if cfg.method == "cls-static":
-            S = S_cls
+            S = importance(cls_score(A)[:, None], v)
             keep = top_k_mask(S, v, static_keep_count(v.sum(dim=1), self.beta))
         else:
-            a = mag_logits(X, self.T, v)
-            S_self = self_score(A, v)
+            a = mag_logits(x_in, seq, self.T)
+            S_cls, S_self = cls_score(A), self_score(A, v)
             if cfg.method == "dtp-no-mag":
-                S = (S_cls + S_self) / 2
+                S = importance(torch.stack([S_cls, S_self], dim=1), v)
             else:
                 P = concept_attention(a)
-                S = (S_cls + S_self + mag_score(P, v)) / 3
+                S = importance(torch.stack([S_cls, S_self, mag_score(P)], dim=1), v)
             theta = threshold(a, S, cfg.tau)
             keep = self.keep(encoder, layer, S, theta, v)
             concepts = cfg.num_align_tokens
             if cfg.method == "random":              # MADTP's counts, random choice of tokens
-                S = normalise(random_scores(encoder, layer, v), v)
+                S = normalise(random_scores(self.random[ENCODERS.index(encoder), layer], v), v)
                 keep = top_k_mask(S, v, keep.sum(dim=1))
             if self.aligns(encoder, trace):
-                self.add_features(encoder, P, X, trace)
+                self.add_features(encoder, P, unpack(x_in, seq)[:, 1:], trace)
                 features = True
-        x, valid_out, idx = prune_tokens(x, keep, S, valid)
-        trace.record(encoder, valid, valid_out, idx, (v & ~keep).any(dim=1), concepts, features)
-        return x, valid_out
+        x, seq_out, idx = prune_tokens(x, seq, keep, S)
+        trace.record(encoder, valid, seq_out.valid, idx, (v & ~keep).any(dim=1), concepts, features)
+        return x, seq_out
 
     def keep(self, encoder, layer, S, theta, v):
         """The keep decision of the threshold methods: each sample's own θ, and the budget rule's bar."""

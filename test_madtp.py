@@ -24,7 +24,7 @@ import train
 from madtp import (ENCODERS, METHODS, MADTP, MADTPConfig, Trace, dense_hooks, gflops, dense_gflops,
                    keep_mask, keep_statistic, package_weights, prune_tokens, threshold, normalise, alignment_loss,
                    share_threshold)
-from vlt import VLT, VLTConfig, task_loss
+from vlt import VLT, VLTConfig, pack, seq_of, task_loss, unpack
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec, which this project does not depend on
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -42,7 +42,7 @@ def tiny_model(method="madtp", beta=1.0, seed=0, **kw):
     """A tiny VLT and a MADTP at β, with its bars fitted and frozen (eval mode)."""
     torch.manual_seed(seed)
     model = VLT(TINY).eval()
-    madtp = MADTP(MADTPConfig(method=method, num_align_tokens=8, **kw), TINY.dim, train.depths(TINY))
+    madtp = train.new_madtp(MADTPConfig(method=method, num_align_tokens=8, **kw), TINY)
     set_beta(model, madtp, beta)
     return model, madtp
 
@@ -177,10 +177,17 @@ def test_package_weights_sum_to_one_and_skip_padding():
     # and the package token is exactly that weighted mean of the fused tokens
     x = torch.randn(3, 7, 4)
     valid = torch.cat([torch.ones(3, 1, dtype=torch.bool), v], 1)
-    out, out_valid, _ = prune_tokens(x, keep, S, valid)
-    torch.testing.assert_close(out[0, -1], (w[0, :, None] * x[0, 1:]).sum(0))
-    assert out_valid.int().tolist() == [[1, 1, 1, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0, 0, 1]]
-    assert (out[~out_valid] == 0).all()
+    seq = seq_of(valid)
+    out, seq, _ = prune_tokens(pack(x, seq), seq, keep, S)
+    out = unpack(out, seq)
+    # each sample: CLS, its kept tokens in order, its package token (if it pruned any), then padding
+    assert seq.valid.int().tolist() == [[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0]]
+    torch.testing.assert_close(out[0, :3], x[0, [0, 1, 4]])
+    torch.testing.assert_close(out[0, 3], (w[0, :, None] * x[0, 1:]).sum(0))
+    torch.testing.assert_close(out[2, 1], (w[2, :, None] * x[2, 1:]).sum(0))
+    torch.testing.assert_close(out[1], x[1])
+    assert (out[~seq.valid] == 0).all()
+    assert seq.flat.tolist() == [i for i, real in enumerate(seq.valid.flatten().tolist()) if real]
 
 
 def test_threshold_lies_between_min_and_max_score():
@@ -330,8 +337,6 @@ def test_bf16_autocast_runs_and_prunes():
 @pytest.mark.parametrize("bad, message", [
     (lambda i, t, v: (i[:, :, :16], t, v), "images must have shape"),
     (lambda i, t, v: (i[:, :1], t, v), "images must have shape"),
-    (lambda i, t, v: (i, t + TINY.vocab_size, v), "token ids must lie in"),
-    (lambda i, t, v: (i, t - 5, v), "token ids must lie in"),
     (lambda i, t, v: (i[:1], t, v), "2 captions"),
 ])
 def test_bad_input_is_a_clear_error(bad, message):
@@ -339,6 +344,46 @@ def test_bad_input_is_a_clear_error(bad, message):
     imgs, (ids, valid) = images(2), captions([4, 6])
     with pytest.raises(ValueError, match=message):
         model(*bad(imgs, ids, valid), madtp.hooks(Trace()))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda i, t, v: (i[:, :1], t, v), "images must have shape"),
+    (lambda i, t, v: (i, t + TINY.vocab_size, v), "token ids must lie in"),
+    (lambda i, t, v: (i, t - 5, v), "token ids must lie in"),
+    (lambda i, t, v: (i, t, v.index_fill(1, torch.tensor([0]), False)), "valid \\[CLS\\]"),
+])
+def test_bad_values_are_a_clear_error_where_data_enters(bad, message):
+    """Values are checked once per batch on the CPU tensors (check_inputs), not inside the forward."""
+    model, _ = tiny_model()
+    imgs, (ids, valid) = images(2), captions([4, 6])
+    model.check_inputs(imgs, ids, valid)
+    with pytest.raises(ValueError, match=message):
+        model.check_inputs(*bad(imgs, ids, valid))
+
+
+def test_host_sync_counter_sees_every_kind_of_read():
+    t = torch.arange(5.0)
+    with train.HostSyncs() as syncs:
+        bool(t.any()), int(t[0]), t.sum().item(), t.tolist(), t.nonzero(), t[t > 2], t.argsort()
+    assert syncs.calls == {"__bool__": 1, "__int__": 1, "item": 1, "tolist": 1, "nonzero": 1, "__getitem__": 1}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_waits_for_the_device_once_per_pruned_layer(method):
+    """Issue 10: a GPU runs a forward ahead of the host. The dense forward reads one count per
+    padded input sequence (the captions, and the fusion encoder's captions), never inside a layer;
+    a pruned layer reads one more (the size of its shorter sequence), with frozen or fitting bars."""
+    model, madtp = tiny_model(method)
+    imgs, (ids, valid) = images(4), captions([3, 11, 7, 5])
+    with torch.no_grad(), train.HostSyncs() as dense:
+        model(imgs, ids, valid)
+    assert dense.total == 2, dense.calls
+    pruned_layers = sum(madtp.prunes(e, layer) for e, depth in madtp.depths.items() for layer in range(depth))
+    for fitting in (False, True):
+        madtp.train(fitting)
+        with torch.no_grad(), train.HostSyncs() as pruned:
+            model(imgs, ids, valid, madtp.hooks(Trace()))
+        assert pruned.total == dense.total + pruned_layers, pruned.calls
 
 
 def test_unknown_method_is_a_clear_error():

@@ -14,6 +14,7 @@ GFLOPs per pair, tokens kept, pairs/s, and tokens.png.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,7 +48,10 @@ CHECKPOINT_VERSION = 2          # 2: MADTP's budget rule and its per-layer bars 
 TARGET_TOLERANCE = 0.02         # the calibrated reduction must land this close to the target (SPEC section 4)
 
 # Sizes per preset. "tiny" runs the whole pipeline in well under a minute on a laptop CPU (tests);
-# "default" is the synthetic-scene run the README reports; "coco" suits real photos.
+# "default" is the synthetic-scene run the README reports (the CPU's preset); "gpu" is what
+# --device cuda runs when no preset is given: the same scenes at 128 px with 8-px patches (257
+# vision tokens) and a model wide and deep enough that a GPU multiplies matrices instead of waiting
+# for kernel launches; "coco" suits real photos.
 PRESETS = {
     "tiny": dict(model=dict(image_size=32, patch_size=8, dim=64, heads=2, vision_layers=2, text_layers=1,
                             fusion_layers=1, embed_dim=32),
@@ -55,6 +60,10 @@ PRESETS = {
     "default": dict(model=dict(), num_train=4000, num_val=400, num_test=500, dense_steps=1000,
                     prune_steps=300, batch_size=64, eval_batch_size=64, num_align_tokens=32, itm_k=16,
                     bench_pairs=128),
+    "gpu": dict(model=dict(image_size=128, patch_size=8, dim=384, heads=6, vision_layers=8, text_layers=4,
+                           fusion_layers=4, embed_dim=256),
+                num_train=4000, num_val=400, num_test=500, dense_steps=1500, prune_steps=500, batch_size=128,
+                eval_batch_size=256, bench_batch_size=256, num_align_tokens=64, itm_k=16, bench_pairs=256),
     "coco": dict(model=dict(image_size=128, patch_size=16, dim=192, heads=3, vision_layers=6, text_layers=3,
                             fusion_layers=2, embed_dim=128, max_text_len=32),
                  num_train=0, num_val=0, num_test=0, dense_steps=3000, prune_steps=1000, batch_size=64,
@@ -64,7 +73,7 @@ PRESETS = {
 
 @dataclass
 class TrainConfig:
-    preset: str = "default"       # tiny | default | coco: sizes below come from PRESETS unless set
+    preset: str = "default"       # tiny | default | gpu | coco: sizes below come from PRESETS unless set
     data: str = "synthetic"       # synthetic scenes (no download) or coco
     coco_root: str = ""           # folder with the COCO images (and annotations/)
     coco_ann: str = ""            # comma-separated caption json files (official or Karpathy); "" = look in coco_root
@@ -79,7 +88,7 @@ class TrainConfig:
     seed: int = 0                 # model initialisation and batch order; the data never changes with it
     device: str = "auto"          # auto picks CUDA when available
     batch_size: int = 64          # per process
-    eval_batch_size: int = 64     # evaluation and the large-batch timing; results do not depend on it
+    eval_batch_size: int = 64     # evaluation; results do not depend on it
     num_train: int = 4000         # synthetic images per split (coco: fractions below)
     num_val: int = 400
     num_test: int = 500
@@ -100,7 +109,8 @@ class TrainConfig:
     tau: float = 0.1              # τ: small, so that θ sits at the background level of every sample (README)
     alpha: float = 0.1            # α
     itm_k: int = 16               # ITM re-ranks the top-k ITC candidates (BLIP's protocol)
-    bench_pairs: int = 128        # pairs timed at batch 1 (and batches of eval_batch_size)
+    bench_batch_size: int = 64    # the large batch timed besides batch 1 (throughput)
+    bench_pairs: int = 128        # pairs timed at batch 1 (at the large batch: at least 4 batches)
     save_every: int = 200         # steps between checkpoints (and on Ctrl-C)
     num_workers: int = 0          # DataLoader workers; synthetic images are pre-rendered, so 0 is fastest
     num_drawn: int = 4            # test scenes drawn in tokens.png: half the sparsest, half the most cluttered
@@ -309,21 +319,29 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
     bar = tqdm(total=steps, initial=step, desc=name, disable=not run.main, dynamic_ncols=True)
     batches = train_batches(cfg, run, dataset, tokenizer, step)
     objective.train()
+    step_flops, timed_from = None, None   # model FLOPs of one step (counted on the first), (step, time) timing starts
     try:
         while step < steps:
-            batch = {k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = next(batches)
+            model.check_inputs(batch["images"], batch["ids"], batch["valid"])   # on the CPU: no sync
+            batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, peak_lr, cfg.warmup)
-            with run.autocast():
-                loss, parts, trace, image_of_pair = wrapped(**batch)
-            if not torch.isfinite(loss):  # stop before the update: the last checkpoint stays good
-                kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written yet"
-                bar.close()
-                run.log(f"{name}: the loss became {loss.item()} at step {step}; stopping ({kept}). "
-                        f"Try a lower learning rate.")
-                sys.exit(3)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with FlopCounterMode(display=False) if step_flops is None else contextlib.nullcontext() as counter:
+                with run.autocast():
+                    loss, parts, trace, image_of_pair = wrapped(**batch)
+                if not torch.isfinite(loss):  # stop before the update: the last checkpoint stays good
+                    kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written yet"
+                    bar.close()
+                    run.log(f"{name}: the loss became {loss.item()} at step {step}; stopping ({kept}). "
+                            f"Try a lower learning rate.")
+                    sys.exit(3)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            if counter is not None:   # the first step, counted (and slowed) by the FLOP counter: not timed
+                step_flops = counter.get_total_flops() * run.world
+                run.sync()
+                timed_from = (step + 1, time.perf_counter())
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
@@ -347,8 +365,18 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
         run.log(f"\ninterrupted at step {step} of {name}; saved {path}. Continue with the same command and --resume.")
         sys.exit(130)
     bar.close()
+    if timed_from is not None and step > timed_from[0]:
+        run.sync()
+        rate = (step - timed_from[0]) / (time.perf_counter() - timed_from[1])
+        run.log(f"{name}: {rate:.2f} steps/s, {utilisation(run, step_flops * rate)} (wall clock, checkpoints included)")
     save(done=True)
     return objective
+
+
+def utilisation(run, flops_per_s):
+    """Model FLOP/s (torch.utils.flop_counter's count), and the MFU where the device's peak is known."""
+    peak = peak_flops(run.device)
+    return f"{flops_per_s / 1e12:.2f} TFLOP/s" + (f", MFU {flops_per_s / peak:.1%}" if peak else "")
 
 
 def dense_identity(cfg, vcfg, tokenizer):
@@ -417,7 +445,7 @@ def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model, stem=None):
     model = VLT(vcfg).to(run.device)
     model.load_state_dict((ckpt or {}).get("model", dense_model.state_dict()))
     torch.manual_seed(cfg.seed)
-    madtp = MADTP(mcfg, vcfg.dim, depths(vcfg)).to(run.device)
+    madtp = new_madtp(mcfg, vcfg).to(run.device)
     # only MADTP trains T: the other methods use it for counts or thresholds, never with a gradient
     madtp.T.requires_grad_(cfg.method == "madtp")
     madtp.beta.fill_(BETA_INIT)
@@ -451,6 +479,11 @@ def stage_compress(cfg, run, vcfg, splits, tokenizer, dense_model, stem=None):
 def depths(vcfg):
     """(L_v, L_t, L_f): MADTP sizes its table of bars β_ℓ and its layer schedules by them."""
     return vcfg.vision_layers, vcfg.text_layers, vcfg.fusion_layers
+
+
+def new_madtp(mcfg, vcfg):
+    """A MADTP for a VLT of this config: its width, its depths and its longest sequence."""
+    return MADTP(mcfg, vcfg.dim, depths(vcfg), max(1 + vcfg.num_patches, vcfg.max_text_len))
 
 
 def fit_bars(cfg, run, model, madtp, split, tokenizer):
@@ -784,14 +817,19 @@ def executed_gflops(run, model, madtp, batches):
 
 
 def add_speed(cfg, run, rows, models, split, tokenizer):
-    """pairs/s at batch 1 and at the eval batch size, speedups over rows["dense"], the ideal
-    speedup (dense GFLOPs / GFLOPs), and the GFLOPs per pair a padded batch really executed."""
-    for key, bs in (("pairs_per_s_batch1", 1), ("pairs_per_s_batch", cfg.eval_batch_size)):
+    """pairs/s at batch 1 and at bench_batch_size, speedups over rows["dense"], the ideal speedup
+    (dense GFLOPs / GFLOPs), the GFLOPs per pair a padded batch really executed, and on a GPU whose
+    peak is known, the model FLOPs utilisation of that large batch."""
+    for key, bs in (("pairs_per_s_batch1", 1), ("pairs_per_s_batch", cfg.bench_batch_size)):
         batches = bench_batches(cfg, run, split, tokenizer, bs)
         for name, speed in throughput(run, models, batches).items():
             rows[name][key] = speed
+    peak = peak_flops(run.device)
     for name, (model, madtp) in models.items():
-        rows[name]["gflops_executed_batch"] = executed_gflops(run, model, madtp, batches)
+        m = rows[name]
+        m["gflops_executed_batch"] = executed_gflops(run, model, madtp, batches)
+        m["tflops_batch"] = 2 * m["gflops_executed_batch"] * m["pairs_per_s_batch"] / 1e3   # 2 FLOPs per MAC
+        m["mfu_batch"] = m["tflops_batch"] * 1e12 / peak if peak else None
     d = rows["dense"]
     for m in rows.values():
         m["speedup_batch1"] = m["pairs_per_s_batch1"] / d["pairs_per_s_batch1"]
@@ -799,8 +837,44 @@ def add_speed(cfg, run, rows, models, split, tokenizer):
         m["ideal_speedup"] = d["gflops"] / m["gflops"]
 
 
-# ---------------------------------------------------------------------------------------------
-# tokens.png: what the pruner kept
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the MFU the timings print;
+# a GPU not listed gets no MFU rather than a guessed one.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L4": 121e12, "A10G": 70e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+class HostSyncs(TorchFunctionMode):
+    """Counts the calls that make the host wait for the device: reading a value back (bool, int,
+    float, item, tolist, ...) and ops whose output size depends on values (nonzero, boolean-mask
+    indexing, unique). A CPU runs them for free, so a count is how to see them there; on a GPU,
+    torch.cuda.set_sync_debug_mode("warn") reports the same calls."""
+
+    READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "masked_select",
+             "unique", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name in ("__getitem__", "__setitem__") else None
+        if name in self.READS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                     for i in (index if isinstance(index, tuple) else (index,))):
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self):
+        return sum(self.calls.values())
+
 
 def draw_tokens(split, tokenizer, imgs, txts, fus, path, num, vcfg):
     """For a few test scenes, sparse and cluttered: the image, then per vision layer the image with
@@ -882,16 +956,16 @@ def report(cfg, run, vcfg, tokenizer, splits, dense, compressed, madtp):
     run.log("stage 3: timing both models")
     add_speed(cfg, run, rows, models, test, tokenizer)
     write_json(run.out / "metrics.json", rows)
-    run.log(table(rows, cfg.eval_batch_size))
+    run.log(table(rows, cfg.bench_batch_size, run.device))
     run.log(f"\nwrote {run.out / 'metrics.json'}, {run.out / 'tokens.png'}, {run.out / 'train.log'}")
     return rows
 
 
-def table(rows, eval_bs):
+def table(rows, bs, device):
     """The result at a glance: accuracy, compute and speed of each model, then tokens per layer."""
     head = (f"{'model':<16}{'r_mean':>7}{'i2t@1':>7}{'i2t@5':>7}{'i2t@10':>7}{'t2i@1':>7}{'t2i@5':>7}{'t2i@10':>7}"
-            f"{'GFLOPs':>9}{'vis':>8}{'txt':>8}{'fus':>8}{'reduct':>8}{f'exec@{eval_bs}':>9}{'pairs/s@1':>10}{f'@{eval_bs}':>8}"
-            f"{'speedup@1':>10}{f'@{eval_bs}':>6}{'ideal':>7}")
+            f"{'GFLOPs':>9}{'vis':>8}{'txt':>8}{'fus':>8}{'reduct':>8}{f'exec@{bs}':>9}{'pairs/s@1':>10}{f'@{bs}':>8}"
+            f"{'speedup@1':>10}{f'@{bs}':>6}{'ideal':>7}{'of ideal':>9}")
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
         lines.append(f"{name:<16}{m['r_mean']:>7.1f}" + "".join(f"{m[k]:>7.1f}" for k in
@@ -899,9 +973,16 @@ def table(rows, eval_bs):
                      f"{m['gflops']:>9.4f}{m['gflops_vision']:>8.4f}{m['gflops_text']:>8.4f}{m['gflops_fusion']:>8.4f}"
                      f"{m['gflops_reduction']:>8.1%}{m['gflops_executed_batch']:>9.4f}"
                      f"{m['pairs_per_s_batch1']:>10.0f}{m['pairs_per_s_batch']:>8.0f}"
-                     f"{m['speedup_batch1']:>10.2f}{m['speedup_batch']:>6.2f}{m['ideal_speedup']:>7.2f}")
-    lines.append(f"GFLOPs: per pair, each sample at its own token counts (MACs, fvcore's convention); exec@{eval_bs}: "
-                 f"what padded batches of {eval_bs} really executed per pair (torch.utils.flop_counter / 2)")
+                     f"{m['speedup_batch1']:>10.2f}{m['speedup_batch']:>6.2f}{m['ideal_speedup']:>7.2f}"
+                     f"{m['speedup_batch'] / m['ideal_speedup']:>9.2f}")
+    lines.append(f"GFLOPs: per pair, each sample at its own token counts (MACs, fvcore's convention); exec@{bs}: "
+                 f"what padded batches of {bs} really executed per pair (torch.utils.flop_counter / 2)")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    mfu = "; ".join(f"{name} {m['tflops_batch']:.1f} TFLOP/s, MFU {m['mfu_batch']:.1%}" for name, m in rows.items()
+                    if m.get("mfu_batch") is not None)
+    lines.append(f"pairs/s: {where}, whole pairs (image, caption, fusion), best of {TIMING_REPEATS} synchronised "
+                 f"rounds after {WARMUP_RUNS} warm-up batches; of ideal = speedup@{bs} / ideal"
+                 + (f"\nat batch {bs}: {mfu}" if mfu else ""))
     lines.append("\ntokens kept after each layer, mean ± std over test samples (CLS and package token included)")
     for name, m in rows.items():
         for e, per_layer in m["kept_tokens"].items():
@@ -943,26 +1024,35 @@ def main_job(cfg, run):
 
 
 @torch.no_grad()
-def where_time_goes(cfg, run, model, madtp, split, tokenizer, top=12):
+def where_time_goes(cfg, run, model, madtp, split, tokenizer, top=15):
     """torch.profiler's top operators for the network unpruned and pruned, at batch 1 and at the
-    eval batch size: where pruning saves (addmm, bmm) and what it adds (gather, sort, small ops)."""
-    for bs in (1, cfg.eval_batch_size):
+    large batch (CPU and, on a GPU, CUDA activity): where pruning saves (addmm, bmm) and what it
+    adds (gather, sort, small ops); and how often one forward makes the host wait for the device."""
+    cuda = run.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    for bs in (1, cfg.bench_batch_size):
         batches = bench_batches(cfg, run, split, tokenizer, bs)
         for name, md in (("unpruned", None), ("pruned", madtp)):
             for b in batches[:WARMUP_RUNS]:
                 pair_forward(run, model, md, b)
-            with torch.profiler.profile() as prof:
+            with HostSyncs() as syncs:
+                pair_forward(run, model, md, batches[0])
+            with torch.profiler.profile(activities=activities) as prof:
                 for b in batches:
                     pair_forward(run, model, md, b)
-            run.log(f"\n{name}, batch {bs}, {sum(len(b[0]) for b in batches)} pairs:")
-            run.log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+                run.sync()
+            run.log(f"\n{name}, batch {bs}, {sum(len(b[0]) for b in batches)} pairs; host syncs per forward: "
+                    f"{syncs.total} {syncs.calls}")
+            run.log(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=top))
 
 
 def eval_only(cfg, run, path, profile=False, beta=None):
     """Re-evaluate one checkpoint on the test split of the data it was trained on."""
     ckpt = load_checkpoint(path)
     saved = TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in {f.name for f in fields(TrainConfig)}})
-    cfg = replace(saved, eval_batch_size=cfg.eval_batch_size, device=cfg.device, out=cfg.out,
+    cfg = replace(saved, eval_batch_size=cfg.eval_batch_size, bench_batch_size=cfg.bench_batch_size,
+                  bench_pairs=cfg.bench_pairs, device=cfg.device, out=cfg.out,
                   coco_root=cfg.coco_root or saved.coco_root, num_workers=cfg.num_workers)
     vcfg = VLTConfig(**ckpt["vlt_config"])
     splits = load_splits(cfg, vcfg)
@@ -971,7 +1061,7 @@ def eval_only(cfg, run, path, profile=False, beta=None):
     model.load_state_dict(ckpt["model"])
     madtp = None
     if ckpt["kind"] == "compressed":
-        madtp = MADTP(MADTPConfig(**ckpt["madtp_config"]), vcfg.dim, depths(vcfg)).to(run.device)
+        madtp = new_madtp(MADTPConfig(**ckpt["madtp_config"]), vcfg).to(run.device)
         madtp.load_state_dict(ckpt["madtp"])
         if beta is not None:   # e.g. near 0: how the fine-tuned weights do without pruning
             madtp.beta.fill_(beta)
@@ -987,7 +1077,7 @@ def eval_only(cfg, run, path, profile=False, beta=None):
     write_json(out, m)
     run.log(f"{path}: r_mean {m['r_mean']:.2f}, GFLOPs per pair {m['gflops']:.4f} "
             f"(reduction {m['gflops_reduction']:.1%}), pairs/s {m['pairs_per_s_batch1']:.0f} at batch 1, "
-            f"{m['pairs_per_s_batch']:.0f} at batch {cfg.eval_batch_size}; wrote {out}")
+            f"{m['pairs_per_s_batch']:.0f} at batch {cfg.bench_batch_size}; wrote {out}")
     return m
 
 
@@ -1070,7 +1160,7 @@ def sweep(cfg, run, ratios, seeds, arms, name, timed):
     summary = summarise(rows, timed)
     write_json(base / f"{name}.json", dict(rows=rows, summary=summary, seeds=seeds, ratios=ratios,
                                            config=asdict(cfg), model=asdict(vcfg)))
-    md = results_table(summary, seeds, cfg.eval_batch_size) if timed else ablation_table(summary, seeds)
+    md = results_table(summary, seeds, cfg.bench_batch_size) if timed else ablation_table(summary, seeds)
     (base / f"{name}.md").write_text(md + "\n")
     run.log(md)
     run.log(f"\nwrote {base / (name + '.md')} and {base / (name + '.json')}")
@@ -1158,7 +1248,8 @@ def parse_args(argv=None):
     p.add_argument("--coco-root")
     p.add_argument("--coco-ann", help="caption json file(s), comma-separated (official COCO or Karpathy format)")
     p.add_argument("--coco-num-images", type=int)
-    p.add_argument("--preset", choices=list(PRESETS), default=None)
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="sizes (default: gpu on CUDA, default on the CPU, coco with --data coco)")
     p.add_argument("--method", choices=["madtp", "dtp-no-mag", "cls-static", "random"])
     p.add_argument("--prune-ratio", type=float, help="target GFLOPs reduction p, e.g. 0.5")
     p.add_argument("--prune", help="encoders that prune, comma-separated (default vision,text,fusion)")
@@ -1172,6 +1263,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, help="with --eval-only: evaluate a compressed checkpoint at this β instead")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--bench-batch-size", type=int, help="the large batch timed besides batch 1")
     p.add_argument("--seed", type=int)
     p.add_argument("--dense-steps", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate of dense training")
@@ -1188,7 +1280,8 @@ def parse_args(argv=None):
     p.add_argument("--rule", choices=RULES, help="the keep statistic a fitted bar is compared with (default ratio)")
     p.add_argument("--first-layer", type=int, help="first pruned layer of every encoder (default 0)")
     args = p.parse_args(argv)
-    preset = args.preset or ("coco" if args.data == "coco" else "default")
+    on_gpu = args.device == "cuda" or (args.device in (None, "auto") and torch.cuda.is_available())
+    preset = args.preset or ("coco" if args.data == "coco" else "gpu" if on_gpu else "default")
     values = dict(PRESETS[preset], preset=preset)
     values.pop("model")
     if preset == "coco":

@@ -10,11 +10,18 @@ Every block calls an optional `prune` hook after its self-attention residual add
 cross-attention and the MLP: that is where the official code prunes, and where madtp.py plugs in.
 Attention is written out (no fused SDPA) because the pruner reads the softmax weights, and because
 torch.utils.flop_counter counts 0 for fused SDPA on some CPU builds; the dense model uses the same
-code so that dense and pruned timings compare like with like. Projections and MLPs run on the
-valid tokens only (`per_token`), so the padding that per-sample pruning leaves in a batch costs
-only inside attention.
+code so that dense and pruned timings compare like with like.
 
-Shapes: B batch, N tokens (index 0 is CLS), D width, H heads. `valid` (B, N) is False for padding.
+The residual stream is packed: it holds only the T real tokens of a batch, (T, D), never padding
+(FlashAttention's "unpad" layout). Per-sample pruning leaves every sample with its own count, so a
+padded batch would spend on padding much of what pruning saved; packed, the projections, MLP,
+LayerNorm and residual adds (most of the compute) run on real tokens only, and attention is the one
+place that needs the padded (B, N) grid. A `Seq` says where the real tokens sit. Building one reads
+one number on the host (T): once per input sequence and once per pruned layer, never in a dense
+layer, so a GPU can run every dense layer ahead of the host.
+
+Shapes: B batch, N tokens (index 0 is CLS), T real tokens of a batch, D width, H heads. `valid`
+(B, N) is False for padding.
 """
 
 import math
@@ -25,9 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's concept features (madtp.py); keep the name free
 
-# prune(layer, x_in, x, valid, A) -> (x, valid): x_in is the block's input, x the tokens after the
-# self-attention residual add, A (B, H, N, N) its attention weights. Returns the (shorter) sequence.
-PruneHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple]
+# prune(layer, x_in, x, seq, A) -> (x, seq): x_in is the block's input, x the tokens after the
+# self-attention residual add, both packed (T, D), seq their Seq, A (B, H, N, N) the attention
+# weights. Returns the (shorter) packed sequence and its Seq.
+PruneHook = Callable[[int, torch.Tensor, torch.Tensor, "Seq", torch.Tensor], tuple]
 
 
 @dataclass
@@ -50,16 +58,45 @@ class VLTConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def per_token(f, x, valid):
-    """f on the valid tokens only, zeros elsewhere. After pruning, a batch is padded to its largest
-    keep count; per-token layers (projections, MLP: most of the compute) would otherwise spend on
-    padding much of what pruning saved. x (B, N, D), valid (B, N) -> (B, N, D')."""
-    if valid.all():
-        return f(x)
-    y = f(x[valid])                                                                 # (valid tokens, D')
-    out = y.new_zeros(*valid.shape, y.shape[-1])
-    out[valid] = y
-    return out
+@dataclass
+class Seq:
+    """Where the real tokens of a padded batch sit. valid (B, N): False for padding. flat (T,): the
+    index of each real token in the flattened (B * N) grid, in order. flat None: the packed tensor
+    keeps every slot (packing is a reshape), because there is no padding, or because computing on it
+    is cheaper than a host sync (the image tokens that fusion attends to); valid still masks it."""
+    valid: torch.Tensor
+    flat: Optional[torch.Tensor] = None
+
+
+def seq_of(valid):
+    """The Seq of a padded batch. Reads T on the host: the one sync of an encoder's input."""
+    return Seq(valid, real_slots(valid, int(valid.sum())))
+
+
+def real_slots(valid, T):
+    """(T,) flat index of the real slots of valid (B, N), in order, given their count T: a stable
+    sort puts the real slots first, and nothing is read on the host."""
+    return (~valid).flatten().to(torch.uint8).argsort(stable=True)[:T]
+
+
+def pack(x, seq):
+    """(B, N, ...) -> (T, ...): the real tokens only."""
+    x = x.flatten(0, 1)                                                             # (B * N, ...)
+    return x if seq.flat is None else x.index_select(0, seq.flat)
+
+
+def unpack(x, seq):
+    """(T, ...) -> (B, N, ...), zeros at padding."""
+    B, N = seq.valid.shape
+    if seq.flat is not None:
+        x = x.new_zeros(B * N, *x.shape[1:]).index_copy(0, seq.flat, x)             # (B * N, ...)
+    return x.view(B, N, *x.shape[1:])
+
+
+def padding_bias(valid, heads):
+    """0 for real keys, -inf for padding: added to the attention logits. valid (B, N) -> (B * H, 1, N)"""
+    bias = torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, float("-inf"))
+    return bias.repeat_interleave(heads, dim=0)[:, None, :]
 
 
 class Attention(nn.Module):
@@ -72,16 +109,17 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, valid, ctx, ctx_valid):
-        B, N, D = x.shape
-        Nc, H = ctx.shape[1], self.heads
-        q = per_token(self.q, x, valid).view(B, N, H, D // H).transpose(1, 2)                # (B, H, N, D/H)
-        k, v = per_token(self.kv, ctx, ctx_valid).view(B, Nc, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nc, D/H)
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)                          # (B, H, N, Nc)
-        logits = logits.masked_fill(~ctx_valid[:, None, None, :], float("-inf"))
-        A = logits.softmax(dim=-1)
+    def forward(self, x, seq, ctx, ctx_seq):
+        """x (T, D) and ctx (Tc, D) packed, with their Seqs -> (T, D) and A (B, H, N, Nc)."""
+        (B, N), Nc, H, D = seq.valid.shape, ctx_seq.valid.shape[1], self.heads, x.shape[-1]
+        q = unpack(self.q(x), seq).view(B, N, H, D // H).transpose(1, 2)                  # (B, H, N, D/H)
+        k, v = unpack(self.kv(ctx), ctx_seq).view(B, Nc, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nc, D/H)
+        # scale, QKᵀ and the padding mask in one batched product
+        logits = torch.baddbmm(padding_bias(ctx_seq.valid, H).to(q.dtype), q.reshape(B * H, N, D // H),
+                               k.reshape(B * H, Nc, D // H).transpose(1, 2), alpha=1 / math.sqrt(D // H))  # (B * H, N, Nc)
+        A = logits.softmax(dim=-1).view(B, H, N, Nc)
         out = (A.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, D)                      # (B, N, D)
-        return per_token(self.proj, out, valid), A
+        return self.proj(pack(out, seq)), A
 
 
 class Block(nn.Module):
@@ -96,17 +134,18 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(D)
         self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(), nn.Linear(cfg.mlp_ratio * D, D))
 
-    def forward(self, x, valid, layer: int, prune: Optional[PruneHook] = None, image=None, image_valid=None):
+    def forward(self, x, seq, layer: int, prune: Optional[PruneHook] = None, image=None, image_seq=None):
+        """x (T, D) packed, seq its Seq; image (Ti, D) packed for a fusion block."""
         x_in = x
         h = self.ln1(x)
-        h, A = self.attn(h, valid, h, valid)
+        h, A = self.attn(h, seq, h, seq)
         x = x + h
         if prune is not None:  # SPEC 1: prune after the self-attention residual, before cross-attn and MLP
-            x, valid = prune(layer, x_in, x, valid, A)
+            x, seq = prune(layer, x_in, x, seq, A)
         if self.cross is not None:
-            x = x + self.cross(self.ln_cross(x), valid, image, image_valid)[0]
-        x = x + per_token(self.mlp, self.ln2(x), valid)
-        return x, valid
+            x = x + self.cross(self.ln_cross(x), seq, image, image_seq)[0]
+        x = x + self.mlp(self.ln2(x))
+        return x, seq
 
 
 class VLT(nn.Module):
@@ -137,7 +176,7 @@ class VLT(nn.Module):
         for p in (self.vision_cls, self.vision_pos, self.text_pos):
             nn.init.trunc_normal_(p, std=0.02)
 
-    # -- input checks: a wrong shape must fail here, with the fix, not deep inside a matmul --
+    # -- input checks: a wrong input must fail here, with the fix, not deep inside a matmul --
     def _check_images(self, images):
         S = self.cfg.image_size
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (S, S):
@@ -145,13 +184,22 @@ class VLT(nn.Module):
                              f"resize them to image_size={S} (RGB) or build the model with a matching VLTConfig")
 
     def _check_text(self, ids, valid):
-        V, L = self.cfg.vocab_size, self.cfg.max_text_len
+        """Shapes only: they cost nothing. The values are check_inputs' job."""
+        L = self.cfg.max_text_len
         if ids.dim() != 2 or valid.shape != ids.shape or valid.dtype != torch.bool:
             raise ValueError(f"token ids must be (B, N) with a bool mask of the same shape, "
                              f"got ids {tuple(ids.shape)} and valid {tuple(valid.shape)} {valid.dtype}")
         if ids.shape[1] > L:
             raise ValueError(f"captions have {ids.shape[1]} tokens but max_text_len is {L}; "
                              f"truncate them with the tokenizer or raise max_text_len")
+
+    def check_inputs(self, images, ids, valid):
+        """Shapes and values of a batch, where it enters (train.py calls it on the CPU tensors, once
+        per batch). The forward checks shapes only: checking values there would read them on the
+        host, a sync that would stall a GPU in the middle of every forward."""
+        self._check_images(images)
+        self._check_text(ids, valid)
+        V = self.cfg.vocab_size
         if ids.numel() and (ids.min() < 0 or ids.max() >= V):
             raise ValueError(f"token ids must lie in [0, {V}), got [{int(ids.min())}, {int(ids.max())}]; "
                              f"encode captions with the tokenizer the model was built for (vocab_size={V})")
@@ -164,27 +212,32 @@ class VLT(nn.Module):
         self._check_images(images)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)                # (B, P, D)
         x = torch.cat([self.vision_cls.expand(len(x), -1, -1), x], dim=1) + self.vision_pos
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        seq = Seq(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))  # no padding: nothing to read
+        x = pack(x, seq)                                                        # (B * N, D)
         for layer, block in enumerate(self.vision):
-            x, valid = block(x, valid, layer, prune)
-        return self.vision_norm(x), valid
+            x, seq = block(x, seq, layer, prune)
+        return unpack(self.vision_norm(x), seq), seq.valid
 
     def encode_text(self, ids, valid, prune: Optional[PruneHook] = None):
         """ids, valid (B, N) -> tokens (B, N', D), valid (B, N'), after the final norm."""
         self._check_text(ids, valid)
-        x = self.word_embed(ids) + self.text_pos[:, : ids.shape[1]]
+        seq = seq_of(valid)
+        x = pack(self.word_embed(ids) + self.text_pos[:, : ids.shape[1]], seq)     # (T, D)
         for layer, block in enumerate(self.text):
-            x, valid = block(x, valid, layer, prune)
-        return self.text_norm(x), valid
+            x, seq = block(x, seq, layer, prune)
+        return unpack(self.text_norm(x), seq), seq.valid
 
     def fuse(self, text, text_valid, image, image_valid, prune: Optional[PruneHook] = None):
-        """Fusion encoder on text tokens attending to image tokens -> ITM logits (B, 2)."""
+        """Fusion encoder on text tokens attending to image tokens -> ITM logits (B, 2). The image
+        tokens stay padded (flat None): cross-attention projects them twice per layer, a small cost
+        next to the host sync that packing them would add."""
         if len(text) != len(image):
             raise ValueError(f"fusion needs one image per caption, got {len(image)} images and {len(text)} captions")
-        x, valid = text, text_valid
+        seq, image_seq = seq_of(text_valid), Seq(image_valid)
+        x, image = pack(text, seq), pack(image, image_seq)                       # (T, D), (B * Ni, D)
         for layer, block in enumerate(self.fusion):
-            x, valid = block(x, valid, layer, prune, image, image_valid)
-        return self.itm_head(self.fusion_norm(x[:, 0]))
+            x, seq = block(x, seq, layer, prune, image, image_seq)
+        return self.itm_head(unpack(self.fusion_norm(x), seq)[:, 0])
 
     def forward(self, images, ids, valid, hooks=None):
         """Matching pairs (image b, caption b) -> tokens, ITC embeddings and the pairs' ITM logits.
