@@ -254,7 +254,8 @@ def prune_tokens(x, seq, keep, S):
     out = Seq(valid_out, real_slots(valid_out, T))
     x_fuse = package_weights(S, fused).to(x.dtype)[:, None, :] @ unpack(x, seq)[:, 1:]   # (B, 1, n) @ (B, n, D)
     is_package = pack(slot == 1 + count[:, None], out)                             # (T',)
-    x = torch.where(is_package[:, None], x_fuse[:, 0].index_select(0, out.flat // W),  # (T', D)
+    sample = pack(torch.arange(B, device=x.device)[:, None].expand(B, W), out)     # (T',) sample of each row
+    x = torch.where(is_package[:, None], x_fuse[:, 0].index_select(0, sample),     # (T', D)
                     x.index_select(0, pack(src, out)))
     return x, out, idx
 

@@ -74,8 +74,10 @@ def seq_of(valid):
 
 
 def real_slots(valid, T):
-    """(T,) flat index of the real slots of valid (B, N), in order, given their count T: a stable
-    sort puts the real slots first, and nothing is read on the host."""
+    """(T,) flat index of the real slots of valid (B, N), in order, given their count T (None when
+    there is no padding, e.g. at batch 1): a stable sort puts the real slots first."""
+    if T == valid.numel():
+        return None
     return (~valid).flatten().to(torch.uint8).argsort(stable=True)[:T]
 
 
