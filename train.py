@@ -839,8 +839,8 @@ def add_speed(cfg, run, rows, models, split, tokenizer):
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the MFU the timings print;
 # a GPU not listed gets no MFU rather than a guessed one.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "L4": 121e12, "A10G": 70e12}
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L4": 121e12}
 
 
 def peak_flops(device):
@@ -875,6 +875,9 @@ class HostSyncs(TorchFunctionMode):
     def total(self):
         return sum(self.calls.values())
 
+
+# ---------------------------------------------------------------------------------------------
+# tokens.png: what the pruner kept
 
 def draw_tokens(split, tokenizer, imgs, txts, fus, path, num, vcfg):
     """For a few test scenes, sparse and cluttered: the image, then per vision layer the image with
@@ -1265,6 +1268,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--bench-batch-size", type=int, help="the large batch timed besides batch 1")
+    p.add_argument("--bench-pairs", type=int, help="pairs timed at batch 1")
+    p.add_argument("--num-train", type=int, help="synthetic training images")
+    p.add_argument("--num-val", type=int, help="synthetic validation images")
+    p.add_argument("--num-test", type=int, help="synthetic test images")
     p.add_argument("--seed", type=int)
     p.add_argument("--dense-steps", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate of dense training")
