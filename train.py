@@ -1,6 +1,6 @@
 """Train a small VLT, compress it with MADTP, evaluate both and show the result.
 
-    python train.py --device cuda                      # the whole story on synthetic scenes
+    python train.py --device cuda                      # the whole story on synthetic scenes (gpu preset)
     python train.py --compare 0.5,0.7,0.8 --seeds 0,1,2 # every method at every reduction
     torchrun --nproc_per_node=2 train.py               # the same, DistributedDataParallel
 
