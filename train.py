@@ -1047,7 +1047,7 @@ def where_time_goes(cfg, run, model, madtp, split, tokenizer, top=15):
             ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / len(batches)
             run.log(f"\n{name}, batch {bs}, {sum(len(b[0]) for b in batches)} pairs; per forward: "
                     f"{ops:.0f} aten calls (nested included), {syncs.total} host syncs {syncs.calls}")
-            run.log(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+            run.log(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                               row_limit=top))
 
 
