@@ -34,7 +34,7 @@ decision run without reading any value back, and the one number a pruned layer r
 of its longest output sample, which sizes the shorter sequence (prune_tokens). Fitting the bars
 (training, calibration) reads nothing more.
 
-Shapes: B batch, N tokens of a sequence (0 is CLS), n = N - 1 prunable tokens, T real tokens of a
+Shapes: B batch, N tokens of a sequence (0 is CLS), n = N - 1 prunable tokens, R real tokens of a
 packed batch (vlt.py), D width, H heads, M alignment tokens. `valid` (B, N) or `v` (B, n) is False
 for padding.
 """
@@ -94,7 +94,7 @@ def q(X):
 
 
 def mag_logits(x, seq, T):
-    """a = q(X) Tᵀ / √D: how strongly each prunable token X matches each concept. x (T, D) is the
+    """a = q(X) Tᵀ / √D: how strongly each prunable token X matches each concept. x (R, D) is the
     packed sequence (vlt.py): the product runs on its real tokens, then a is laid out per sample,
     -inf at padding. (B, n, M)"""
     a = unpack(q(x) @ T.t().to(x.dtype) / math.sqrt(x.shape[-1]), seq)[:, 1:]      # (B, n, M)
@@ -176,14 +176,14 @@ def keep_statistic(S, theta, v, rule):
 
 def share_threshold(statistic, v, rho):
     """The bar β_ℓ above which a share ρ of the valid tokens lies, pooled over the batch: the batch
-    keeps ceil(ρ T) of its T tokens, but each sample as many as it has above the bar. ρ = 1 keeps
+    keeps ceil(ρ C) of its C valid tokens, but each sample as many as it has above the bar. ρ = 1 keeps
     all. Computed where the tokens are, with nothing read on the host."""
     s = statistic.masked_fill(~v, float("-inf")).flatten().sort(descending=True).values   # (B * n,) valid first
-    T = v.sum()
+    count = v.sum()
     # round: ρ = 0.4 in float32 times 80 is 32.0000005; double, as Python's float would be
-    rho = torch.as_tensor(rho, dtype=torch.float64, device=T.device)
-    k = torch.ceil(torch.round(rho * T, decimals=4)).long()
-    return torch.where(k < T, s[k.clamp(max=len(s) - 1)], float("-inf"))
+    rho = torch.as_tensor(rho, dtype=torch.float64, device=count.device)
+    k = torch.ceil(torch.round(rho * count, decimals=4)).long()
+    return torch.where(k < count, s[k.clamp(max=len(s) - 1)], float("-inf"))
 
 
 def top_k_mask(scores, v, k):
@@ -233,17 +233,17 @@ def package_weights(S, fused):
 def prune_tokens(x, seq, keep, S):
     """[CLS, kept tokens in original order, x_fuse] per sample, on the packed stream.
 
-    x (T, D) packed with its Seq (vlt.py), keep and S (B, n). Returns the new packed x (T', D), its
+    x (R, D) packed with its Seq (vlt.py), keep and S (B, n). Returns the new packed x (R', D), its
     Seq, and idx (B, W-1): slot 1 + j of a sample holds its prunable token idx[b, j] while j < its
     keep count; then comes its package token if it pruned anything, then padding, which no later
-    layer sees (SPEC section 3, batches). Reads W and T', the new sequence's size: one host sync.
+    layer sees (SPEC section 3, batches). Reads W and R', the new sequence's size: one host sync.
     """
     valid = seq.valid
     B, N = valid.shape
     fused = valid[:, 1:] & ~keep                                                   # (B, n)
     count = keep.sum(dim=1)                                                        # (B,)
     length = 1 + count + fused.any(dim=1)                                          # (B,) CLS, kept, package
-    W, T = torch.stack([length.max(), length.sum()]).tolist()                      # the layer's one host sync
+    W, R = torch.stack([length.max(), length.sum()]).tolist()                      # the layer's one host sync
     # kept tokens first, in their original order: sort by (pruned?, position)
     position = torch.arange(N - 1, device=x.device)
     idx = ((~keep) * N + position).argsort(dim=1)[:, : W - 1]                      # (B, W-1)
@@ -251,11 +251,11 @@ def prune_tokens(x, seq, keep, S):
     src = torch.cat([row[:, :1], row[:, 1:].gather(1, idx)], dim=1)                 # (B, W) the row each slot copies
     slot = torch.arange(W, device=x.device)[None, :]                               # (1, W)
     valid_out = slot < length[:, None]                                             # (B, W)
-    out = Seq(valid_out, real_slots(valid_out, T))
+    out = Seq(valid_out, real_slots(valid_out, R))
     x_fuse = package_weights(S, fused).to(x.dtype)[:, None, :] @ unpack(x, seq)[:, 1:]   # (B, 1, n) @ (B, n, D)
-    is_package = pack(slot == 1 + count[:, None], out)                             # (T',)
-    sample = pack(torch.arange(B, device=x.device)[:, None].expand(B, W), out)     # (T',) sample of each row
-    x = torch.where(is_package[:, None], x_fuse[:, 0].index_select(0, sample),     # (T', D)
+    is_package = pack(slot == 1 + count[:, None], out)                             # (R',)
+    sample = pack(torch.arange(B, device=x.device)[:, None].expand(B, W), out)     # (R',) sample of each row
+    x = torch.where(is_package[:, None], x_fuse[:, 0].index_select(0, sample),     # (R', D)
                     x.index_select(0, pack(src, out)))
     return x, out, idx
 
@@ -360,7 +360,7 @@ class MADTP(nn.Module):
 
     def prune_layer(self, encoder, layer, x_in, x, seq, A, trace):
         """SPEC section 3 in one layer: scores S, threshold θ, keep S > βθ, package the rest.
-        x_in, x (T, D) packed: MAG reads the layer's input x_in, the pruning packages x."""
+        x_in, x (R, D) packed: MAG reads the layer's input x_in, the pruning packages x."""
         cfg, valid = self.cfg, seq.valid
         v = valid[:, 1:]                                                           # (B, n)
         concepts, features = 0, False

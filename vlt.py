@@ -12,15 +12,15 @@ Attention is written out (no fused SDPA) because the pruner reads the softmax we
 torch.utils.flop_counter counts 0 for fused SDPA on some CPU builds; the dense model uses the same
 code so that dense and pruned timings compare like with like.
 
-The residual stream is packed: it holds only the T real tokens of a batch, (T, D), never padding
+The residual stream is packed: it holds only the R real tokens of a batch, (R, D), never padding
 (FlashAttention's "unpad" layout). Per-sample pruning leaves every sample with its own count, so a
 padded batch would spend on padding much of what pruning saved; packed, the projections, MLP,
 LayerNorm and residual adds (most of the compute) run on real tokens only, and attention is the one
 place that needs the padded (B, N) grid. A `Seq` says where the real tokens sit. Building one reads
-one number on the host (T): once per input sequence and once per pruned layer, never in a dense
+one number on the host (R): once per input sequence and once per pruned layer, never in a dense
 layer, so a GPU can run every dense layer ahead of the host.
 
-Shapes: B batch, N tokens (index 0 is CLS), T real tokens of a batch, D width, H heads. `valid`
+Shapes: B batch, N tokens (index 0 is CLS), R real tokens of a batch, D width, H heads. `valid`
 (B, N) is False for padding.
 """
 
@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's concept features (madtp.py); keep the name free
 
 # prune(layer, x_in, x, seq, A) -> (x, seq): x_in is the block's input, x the tokens after the
-# self-attention residual add, both packed (T, D), seq their Seq, A (B, H, N, N) the attention
+# self-attention residual add, both packed (R, D), seq their Seq, A (B, H, N, N) the attention
 # weights. Returns the (shorter) packed sequence and its Seq.
 PruneHook = Callable[[int, torch.Tensor, torch.Tensor, "Seq", torch.Tensor], tuple]
 
@@ -60,7 +60,7 @@ class VLTConfig:
 
 @dataclass
 class Seq:
-    """Where the real tokens of a padded batch sit. valid (B, N): False for padding. flat (T,): the
+    """Where the real tokens of a padded batch sit. valid (B, N): False for padding. flat (R,): the
     index of each real token in the flattened (B * N) grid, in order. flat None: the packed tensor
     keeps every slot (packing is a reshape), because there is no padding, or because computing on it
     is cheaper than a host sync (the image tokens that fusion attends to); valid still masks it."""
@@ -69,26 +69,26 @@ class Seq:
 
 
 def seq_of(valid):
-    """The Seq of a padded batch. Reads T on the host: the one sync of an encoder's input."""
+    """The Seq of a padded batch. Reads R on the host: the one sync of an encoder's input."""
     return Seq(valid, real_slots(valid, int(valid.sum())))
 
 
-def real_slots(valid, T):
-    """(T,) flat index of the real slots of valid (B, N), in order, given their count T (None when
+def real_slots(valid, R):
+    """(R,) flat index of the real slots of valid (B, N), in order, given their count R (None when
     there is no padding, e.g. at batch 1): a stable sort puts the real slots first."""
-    if T == valid.numel():
+    if R == valid.numel():
         return None
-    return (~valid).flatten().to(torch.uint8).argsort(stable=True)[:T]
+    return (~valid).flatten().to(torch.uint8).argsort(stable=True)[:R]
 
 
 def pack(x, seq):
-    """(B, N, ...) -> (T, ...): the real tokens only."""
+    """(B, N, ...) -> (R, ...): the real tokens only."""
     x = x.flatten(0, 1)                                                             # (B * N, ...)
     return x if seq.flat is None else x.index_select(0, seq.flat)
 
 
 def unpack(x, seq):
-    """(T, ...) -> (B, N, ...), zeros at padding."""
+    """(R, ...) -> (B, N, ...), zeros at padding."""
     B, N = seq.valid.shape
     if seq.flat is not None:
         x = x.new_zeros(B * N, *x.shape[1:]).index_copy(0, seq.flat, x)             # (B * N, ...)
@@ -112,7 +112,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, seq, ctx, ctx_seq):
-        """x (T, D) and ctx (Tc, D) packed, with their Seqs -> (T, D) and A (B, H, N, Nc)."""
+        """x (R, D) and ctx (Rc, D) packed, with their Seqs -> (R, D) and A (B, H, N, Nc)."""
         (B, N), Nc, H, D = seq.valid.shape, ctx_seq.valid.shape[1], self.heads, x.shape[-1]
         q = unpack(self.q(x), seq).view(B, N, H, D // H).transpose(1, 2)                  # (B, H, N, D/H)
         k, v = unpack(self.kv(ctx), ctx_seq).view(B, Nc, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nc, D/H)
@@ -137,7 +137,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_ratio * D), nn.GELU(), nn.Linear(cfg.mlp_ratio * D, D))
 
     def forward(self, x, seq, layer: int, prune: Optional[PruneHook] = None, image=None, image_seq=None):
-        """x (T, D) packed, seq its Seq; image (Ti, D) packed for a fusion block."""
+        """x (R, D) packed, seq its Seq; image (B * Ni, D) for a fusion block."""
         x_in = x
         h = self.ln1(x)
         h, A = self.attn(h, seq, h, seq)
@@ -224,7 +224,7 @@ class VLT(nn.Module):
         """ids, valid (B, N) -> tokens (B, N', D), valid (B, N'), after the final norm."""
         self._check_text(ids, valid)
         seq = seq_of(valid)
-        x = pack(self.word_embed(ids) + self.text_pos[:, : ids.shape[1]], seq)     # (T, D)
+        x = pack(self.word_embed(ids) + self.text_pos[:, : ids.shape[1]], seq)     # (R, D)
         for layer, block in enumerate(self.text):
             x, seq = block(x, seq, layer, prune)
         return unpack(self.text_norm(x), seq), seq.valid
@@ -236,7 +236,7 @@ class VLT(nn.Module):
         if len(text) != len(image):
             raise ValueError(f"fusion needs one image per caption, got {len(image)} images and {len(text)} captions")
         seq, image_seq = seq_of(text_valid), Seq(image_valid)
-        x, image = pack(text, seq), pack(image, image_seq)                       # (T, D), (B * Ni, D)
+        x, image = pack(text, seq), pack(image, image_seq)                       # (R, D), (B * Ni, D)
         for layer, block in enumerate(self.fusion):
             x, seq = block(x, seq, layer, prune, image, image_seq)
         return self.itm_head(unpack(self.fusion_norm(x), seq)[:, 0])
