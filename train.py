@@ -164,6 +164,25 @@ def pick_device(flag, local_rank=0):
     return torch.device("cpu")
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the MFU the timings print;
+# a GPU not listed gets no MFU rather than a guessed one.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def utilisation(run, flops_per_s):
+    """Model FLOP/s (torch.utils.flop_counter's count), and the MFU where the device's peak is known."""
+    peak = peak_flops(run.device)
+    return f"{flops_per_s / 1e12:.2f} TFLOP/s" + (f", MFU {flops_per_s / peak:.1%}" if peak else "")
+
+
 def save_checkpoint(path, ckpt):
     """Write to a temporary file and rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = Path(str(path) + ".tmp")
@@ -338,13 +357,13 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
                     sys.exit(3)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-            if counter is not None:   # the first step, counted (and slowed) by the FLOP counter: not timed
-                step_flops = counter.get_total_flops() * run.world
-                run.sync()
-                timed_from = (step + 1, time.perf_counter())
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
+            if counter is not None:   # the first step, counted (and slowed) by the FLOP counter: not timed
+                step_flops = counter.get_total_flops() * run.world
+                run.sync()
+                timed_from = (step, time.perf_counter())
             post = {k: f"{v.item():.3f}" for k, v in parts.items()}
             if target is not None:
                 goal = target * min(1.0, step / max(1, cfg.ramp * steps))
@@ -371,12 +390,6 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
         run.log(f"{name}: {rate:.2f} steps/s, {utilisation(run, step_flops * rate)} (wall clock, checkpoints included)")
     save(done=True)
     return objective
-
-
-def utilisation(run, flops_per_s):
-    """Model FLOP/s (torch.utils.flop_counter's count), and the MFU where the device's peak is known."""
-    peak = peak_flops(run.device)
-    return f"{flops_per_s / 1e12:.2f} TFLOP/s" + (f", MFU {flops_per_s / peak:.1%}" if peak else "")
 
 
 def dense_identity(cfg, vcfg, tokenizer):
@@ -835,19 +848,6 @@ def add_speed(cfg, run, rows, models, split, tokenizer):
         m["speedup_batch1"] = m["pairs_per_s_batch1"] / d["pairs_per_s_batch1"]
         m["speedup_batch"] = m["pairs_per_s_batch"] / d["pairs_per_s_batch"]
         m["ideal_speedup"] = d["gflops"] / m["gflops"]
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for the MFU the timings print;
-# a GPU not listed gets no MFU rather than a guessed one.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "L4": 121e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 class HostSyncs(TorchFunctionMode):

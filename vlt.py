@@ -239,7 +239,7 @@ class VLT(nn.Module):
         x, image = pack(text, seq), pack(image, image_seq)                       # (R, D), (B * Ni, D)
         for layer, block in enumerate(self.fusion):
             x, seq = block(x, seq, layer, prune, image, image_seq)
-        return self.itm_head(unpack(self.fusion_norm(x), seq)[:, 0])
+        return self.itm_head(self.fusion_norm(unpack(x, seq)[:, 0]))               # CLS rows only
 
     def forward(self, images, ids, valid, hooks=None):
         """Matching pairs (image b, caption b) -> tokens, ITC embeddings and the pairs' ITM logits.
