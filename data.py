@@ -3,9 +3,10 @@
 Reference implementation of the data side of
     Cao et al., "MADTP: Multimodal Alignment-Guided Dynamic Token Pruning for Accelerating
     Vision-Language Transformer", CVPR 2024, arXiv 2403.02991 (official code: github.com/double125/MADTP).
-It implements SPEC.md section 8 (synthetic scenes, the default data: they also say which patches
-show an object and which words carry content, a ground truth for pruning no real data set has) and
-section 9 (COCO: the official and the Karpathy caption files, subsets, a resumable downloader).
+It holds the synthetic scenes (the default data: they also say which patches show an object and
+which words carry content, a ground truth for pruning no real data set has, and the measures of
+what a pruner kept against it) and COCO (the official and the Karpathy caption files, subsets, a
+resumable downloader).
 Text follows BLIP's pre_caption, with a word-level tokenizer instead of BERT's WordPiece so that
 nothing has to be downloaded.
 
@@ -32,9 +33,10 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, write_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_bounding_boxes, make_grid
 from tqdm import tqdm
 
 # Text.
@@ -50,7 +52,7 @@ STORE_MARGIN = 8 / 7  # COCO pixels are kept this much larger than image_size (2
 
 # Synthetic scenes: objects on a GRID x GRID grid, at most one per cell.
 GRID = 3
-MAX_OBJECTS = 3
+MAX_OBJECTS = 3  # objects per scene, 1 to this many; up to GRID * GRID (train.py --scene-objects)
 COLOURS = {  # saturated or bright, so that no colour hides in the grey background
     "red": (210, 45, 45), "green": (50, 170, 70), "blue": (50, 90, 215), "yellow": (225, 205, 50),
     "purple": (140, 70, 185), "orange": (235, 135, 35), "white": (235, 235, 235),
@@ -78,12 +80,6 @@ OBJECT_TEMPLATES = (
     "a {size} {colour} {shape} placed {position}",
 )
 CONNECTORS = ("and", "and also", "next to", "with", "plus")
-# The longest caption this grammar can produce: a Tokenizer with max_len = 1 + this never truncates.
-SYNTHETIC_MAX_WORDS = (
-    max(len(p.split()) for p in PREFIXES) + (MAX_OBJECTS - 1) * max(len(c.split()) for c in CONNECTORS)
-    + MAX_OBJECTS * (max(len(t.split()) - 1 for t in OBJECT_TEMPLATES)  # - 1: {position} is a phrase
-                     + max(len(f"{a} {b}".split()) for a, b in POSITIONS))
-)
 BACKGROUND_GREY = (90, 150)  # per-image base grey level, 0..255
 BACKGROUND_TINT = 15  # per-channel colour cast of the background, +-
 STRIPE_AMPLITUDE = 12  # low-contrast stripes: texture the pruner has to learn to ignore
@@ -100,6 +96,11 @@ ANNOTATIONS_ZIP = "annotations/annotations_trainval2017.zip"  # relative to the 
 DOWNLOAD_THREADS = 8
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_CHUNK_BYTES = 1 << 16
+
+
+
+def _warn(message: str):
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,8 +250,46 @@ class ImageDataset(torch.utils.data.Dataset):
         return dict(image=self.split.image(i), index=i)
 
 
+def train_batches(dataset: PairDataset, tokenizer: Tokenizer, batch_size: int, seed: int, step: int = 0,
+                  world: int = 1, rank: int = 0, num_workers: int = 0):
+    """Endless training batches from `step` on, the same ones whether or not a run was interrupted:
+    DistributedSampler shards and shuffles each epoch by (seed, epoch); resuming skips what was done."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                                  drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    epoch, skip = divmod(step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        idx = list(sampler)
+        batches = [idx[i * batch_size:(i + 1) * batch_size] for i in range(skip, per_epoch)]
+        # its own generator: a DataLoader otherwise draws a seed from the global RNG, and a resumed
+        # run, which builds its loader mid-epoch, would draw different hard negatives from then on
+        yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(tokenizer),
+                                               num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+        epoch, skip = epoch + 1, 0
+
+
+class Collate:
+    """A list of pairs -> one batch; captions become token ids here, in the loader's worker."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict]) -> dict:
+        ids, valid = self.tokenizer.encode([s["caption"] for s in samples])
+        return dict(images=torch.stack([s["image"] for s in samples]), ids=ids, valid=valid,
+                    image_ids=torch.tensor([s["image_id"] for s in samples]))
+
+
 # ----------------------------------------------------------------------------------------------
-# Synthetic scenes (SPEC section 8)
+# Synthetic scenes
+
+
+def synthetic_max_words(max_objects: int = MAX_OBJECTS) -> int:
+    """The longest caption the grammar can produce: a Tokenizer with max_len = 1 + this never truncates."""
+    return (max(len(p.split()) for p in PREFIXES) + (max_objects - 1) * max(len(c.split()) for c in CONNECTORS)
+            + max_objects * (max(len(t.split()) - 1 for t in OBJECT_TEMPLATES)  # - 1: {position} is a phrase
+                             + max(len(f"{a} {b}".split()) for a, b in POSITIONS)))
 
 
 @dataclass(frozen=True)
@@ -266,8 +305,8 @@ def _scene_key(scene: tuple[SceneObject, ...]) -> tuple:
     return tuple((o.cell, o.colour, o.shape, o.size) for o in scene)  # what a caption can tell apart
 
 
-def _sample_scene(rng: random.Random) -> tuple[SceneObject, ...]:
-    cells = sorted(rng.sample(range(GRID * GRID), rng.randint(1, MAX_OBJECTS)))
+def _sample_scene(rng: random.Random, max_objects: int) -> tuple[SceneObject, ...]:
+    cells = sorted(rng.sample(range(GRID * GRID), rng.randint(1, max_objects)))
     return tuple(SceneObject(cell, rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES)),
                              (rng.uniform(-1, 1), rng.uniform(-1, 1))) for cell in cells)
 
@@ -308,8 +347,8 @@ def _fresh(make, key, used: set, what: str):
 
 
 def _object_masks(scenes, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rasterise the objects: masks (n, MAX_OBJECTS, S, S) bool and colours (n, MAX_OBJECTS, 3)."""
-    cell = image_size / GRID
+    """Rasterise the objects: masks (n, K, S, S) bool and colours (n, K, 3), K the most objects in a scene."""
+    cell, K = image_size / GRID, max(len(scene) for scene in scenes)
     absent = (0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0)  # shape -1 matches no shape: an empty mask
     rows = []
     for scene in scenes:
@@ -319,7 +358,7 @@ def _object_masks(scenes, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
             row, col = divmod(o.cell, GRID)
             rows.append(((col + 0.5) * cell + o.jitter[0] * room, (row + 0.5) * cell + o.jitter[1] * room, r,
                          float(SHAPES.index(o.shape)), *COLOURS[o.colour]))
-        rows.extend([absent] * (MAX_OBJECTS - len(scene)))
+        rows.extend([absent] * (K - len(scene)))
     g = torch.tensor(rows)  # (n * K, 7): centre x, centre y, radius, shape, r, g, b
     centre = torch.arange(image_size) + 0.5  # pixel centres
     masks = torch.zeros(len(rows), image_size, image_size, dtype=torch.bool)
@@ -328,7 +367,7 @@ def _object_masks(scenes, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         dx = centre.view(1, 1, -1) - g[of_shape, 0, None, None]  # (m, 1, S)
         dy = centre.view(1, -1, 1) - g[of_shape, 1, None, None]  # (m, S, 1)
         masks[of_shape] = inside(dx, dy, g[of_shape, 2, None, None])
-    return masks.view(len(scenes), MAX_OBJECTS, image_size, image_size), g[:, 4:].view(len(scenes), MAX_OBJECTS, 3)
+    return masks.view(len(scenes), K, image_size, image_size), g[:, 4:].view(len(scenes), K, 3)
 
 
 def _background(n: int, image_size: int, gen: torch.Generator) -> torch.Tensor:
@@ -362,7 +401,7 @@ def _render(scenes, image_size: int, patch_size: int, gen: torch.Generator) -> t
         chunk = scenes[start : start + RENDER_CHUNK]
         masks, colours = _object_masks(chunk, image_size)
         image = _background(len(chunk), image_size, gen)
-        for k in range(MAX_OBJECTS):
+        for k in range(masks.shape[1]):
             image = torch.where(masks[:, k, None], colours[:, k, :, None, None], image)
         image = image + NOISE_STD * torch.randn(image.shape, generator=gen)
         pixels.append(image.clamp(0, 255).round().to(torch.uint8))
@@ -371,10 +410,14 @@ def _render(scenes, image_size: int, patch_size: int, gen: torch.Generator) -> t
 
 
 def synthetic_splits(num_train: int, num_val: int, num_test: int, captions_per_image: int = 2,
-                     image_size: int = 64, patch_size: int = 8, seed: int = 0) -> dict[str, RetrievalSplit]:
-    """Train/val/test splits of synthetic scenes; no scene appears twice, no caption twice within a split."""
+                     image_size: int = 64, patch_size: int = 8, seed: int = 0,
+                     max_objects: int = MAX_OBJECTS) -> dict[str, RetrievalSplit]:
+    """Train/val/test splits of synthetic scenes of 1 to max_objects objects; no scene appears twice,
+    no caption twice within a split."""
     if min(num_train, num_val, num_test, captions_per_image) < 1:
         raise ValueError("every split needs >= 1 image and every image >= 1 caption")
+    if not 1 <= max_objects <= GRID * GRID:
+        raise ValueError(f"max_objects={max_objects}: a scene holds 1 to {GRID * GRID} objects, one per grid cell")
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
     used_scenes, splits = set(), {}
@@ -382,7 +425,7 @@ def synthetic_splits(num_train: int, num_val: int, num_test: int, captions_per_i
     for name, num in (("test", num_test), ("val", num_val), ("train", num_train)):
         split_seed = zlib.crc32(f"{seed}/{name}".encode())
         rng, gen = random.Random(split_seed), torch.Generator().manual_seed(split_seed)
-        scenes = [_fresh(lambda: _sample_scene(rng), _scene_key, used_scenes, "scene") for _ in range(num)]
+        scenes = [_fresh(lambda: _sample_scene(rng, max_objects), _scene_key, used_scenes, "scene") for _ in range(num)]
         used_captions, captions, flags, txt2img = set(), [], [], []
         for i, scene in enumerate(scenes):
             for _ in range(captions_per_image):
@@ -397,7 +440,136 @@ def synthetic_splits(num_train: int, num_val: int, num_test: int, captions_per_i
 
 
 # ----------------------------------------------------------------------------------------------
-# COCO (SPEC section 9): two annotation formats, one record type
+# What a pruner kept, against the scenes' ground truth
+#
+# positions[s][l]: the original token index + 1 of every token sample s still holds after layer l
+# (0 is CLS, -1 a package token or padding), as madtp.Trace records it.
+
+
+def kept_share(flags, positions) -> list[float]:
+    """Per layer: the share of kept tokens (CLS and package tokens aside) whose ground-truth flag is
+    set. flags[s] (n,) bool per original token of sample s."""
+    layers = len(positions[0])
+    on, total = torch.zeros(layers), torch.zeros(layers)
+    for flag, per_layer in zip(flags, positions):
+        for l, pos in enumerate(per_layer):
+            token = pos[pos >= 1].cpu() - 1
+            on[l] += flag[token].sum()
+            total[l] += len(token)
+    return (on / total.clamp_min(1)).tolist()
+
+
+def recall(flags, positions) -> torch.Tensor:
+    """(S, L): for each sample s and layer l, the share of its flagged original tokens still present
+    (kept, not fused) after layer l. flags[s] (n,) bool."""
+    out = torch.zeros(len(flags), len(positions[0]))
+    for s, (flag, per_layer) in enumerate(zip(flags, positions)):
+        for l, pos in enumerate(per_layer):
+            present = torch.zeros_like(flag)
+            present[pos[pos >= 1].cpu() - 1] = True
+            out[s, l] = (flag & present).sum() / flag.sum().clamp_min(1)
+    return out
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of two (S,) tensors; 0 where either does not vary (e.g. dense)."""
+    x, y = x - x.mean(), y - y.mean()
+    return (x @ y / (x.norm() * y.norm()).clamp_min(1e-12)).item()
+
+
+def object_share(split: RetrievalSplit, positions) -> dict:
+    """Per vision layer: the share of kept patches that show an object, and the same share over all
+    patches for reference (what a random pruner would get)."""
+    objects = [split.object_patches(i) for i in range(len(positions))]
+    return dict(per_layer=kept_share(objects, positions),
+                all_patches=torch.stack([o.float().mean() for o in objects]).mean().item())
+
+
+def object_recall(split: RetrievalSplit, positions) -> dict:
+    """Per vision layer: the share of a scene's object patches still present, averaged over all
+    scenes and over the most cluttered quarter (most object patches); and the Pearson r over scenes
+    between a scene's object patches and the patches it kept (> 0: more content, more tokens)."""
+    objects = [split.object_patches(i) for i in range(len(positions))]
+    per_scene = recall(objects, positions)                                          # (S, L)
+    count = torch.tensor([float(o.sum()) for o in objects])                         # (S,)
+    cluttered = count.argsort(descending=True)[: max(1, len(count) // 4)]
+    kept = torch.tensor([[float((pos >= 1).sum()) for pos in per_layer] for per_layer in positions])   # (S, L)
+    return dict(per_layer=per_scene.mean(0).tolist(), cluttered=per_scene[cluttered].mean(0).tolist(),
+                pearson_r=[pearson(count, k) for k in kept.t()])
+
+
+def content_flags(split: RetrievalSplit, max_words: int, num: int) -> list[torch.Tensor]:
+    """Per caption c < num: which of its first max_words words carry content. [(n_c,) bool]"""
+    return [torch.tensor(split.content_words(c)[:max_words] or [False]) for c in range(num)]
+
+
+def content_recall(split: RetrievalSplit, max_words: int, positions) -> list[float]:
+    """Per text or fusion layer: the share of a caption's content words still present, averaged."""
+    return recall(content_flags(split, max_words, len(positions)), positions).mean(0).tolist()
+
+
+def content_share(split: RetrievalSplit, max_words: int, positions) -> dict:
+    """Per text layer: the share of kept words that carry content (colour, shape, size, place)."""
+    return dict(per_layer=kept_share(content_flags(split, max_words, len(positions)), positions))
+
+
+WORD_W, WORD_H = 7, 16   # pixels per character and per line of the caption strips in draw_kept
+DRAWN_WIDTH = 192        # scenes are drawn at least this many pixels wide
+
+
+def draw_kept(split: RetrievalSplit, words, image_positions, text_positions, fusion_positions, patch_size: int,
+              num: int, path):
+    """A PNG of what a pruner kept, for the num // 2 test scenes with the fewest object patches and
+    those with the most: the image, then per vision layer the image with its pruned patches dimmed;
+    below, the caption once per text and fusion layer, kept words boxed in green, pruned ones grey.
+    words(caption) -> its words; *_positions as the measures above take them."""
+    count = torch.stack([split.object_patches(i).sum() for i in range(split.num_images)])
+    order = count.argsort(stable=True).tolist()
+    scale, grid, rows = max(1, DRAWN_WIDTH // split.image_size), split.image_size // patch_size, []
+    mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
+    for i in order[: num // 2] + order[len(order) - (num - num // 2):]:
+        img = ((split.image(i) * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+        panels = [img]
+        for pos in image_positions[i]:
+            keep = torch.zeros(grid * grid, dtype=torch.bool)
+            keep[pos[pos >= 1].cpu() - 1] = True
+            mask = keep.view(grid, grid).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
+            panels.append(torch.where(mask, img, img // 4))
+        top = torch.cat([c.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for c in panels], dim=2)
+        c = split.img2txt[i][0]
+        caption = words(split.captions[c])
+        strips = [_word_strip(caption, None, "caption")]
+        strips += [_word_strip(caption, pos, f"text {l + 1}") for l, pos in enumerate(text_positions[c])]
+        strips += [_word_strip(caption, pos, f"fusion {l + 1}") for l, pos in enumerate(fusion_positions[c])]
+        rows.append(_stack([top] + strips))
+    write_png(make_grid(_stack(rows, only_pad=True), nrow=1, padding=8, pad_value=255), str(path))
+
+
+def _word_strip(words: list[str], pos, label: str) -> torch.Tensor:
+    """One line: a label, then the words; kept words (pos holds their index + 1) in green boxes,
+    pruned ones in grey. pos None: every word in plain black."""
+    kept = set((pos[pos >= 1].cpu() - 1).tolist()) if pos is not None else set(range(len(words)))
+    x, boxes, labels, colours = 0, [], [], []
+    for text, on in [(label + ":", None)] + [(w, j in kept) for j, w in enumerate(words)]:
+        w = WORD_W * len(text) + 6
+        boxes.append([x, 1, x + w - 2, WORD_H - 1])
+        labels.append(text)
+        colours.append("black" if on is None or pos is None else ("green" if on else "lightgray"))
+        x += w
+    canvas = torch.full((3, WORD_H, x), 255, dtype=torch.uint8)
+    return draw_bounding_boxes(canvas, torch.tensor(boxes), labels=labels, colors=colours, width=1)
+
+
+def _stack(pictures: list[torch.Tensor], only_pad: bool = False):
+    """Pad (3, H, W) uint8 pictures with white to the widest, then stack them top to bottom (or only pad)."""
+    W = max(p.shape[2] for p in pictures)
+    padded = [torch.cat([p, torch.full((3, p.shape[1], W - p.shape[2]), 255, dtype=torch.uint8)], dim=2)
+              for p in pictures]
+    return padded if only_pad else torch.cat(padded, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO: two annotation formats, one record type
 
 
 @dataclass
@@ -457,9 +629,9 @@ def _karpathy_records(data: list, ann: Path, root: Path) -> list[CocoRecord]:
     return list(by_image.values())
 
 
-def load_coco(root, ann_file) -> list[CocoRecord]:
+def load_coco(root, ann_file, warn=_warn) -> list[CocoRecord]:
     """Records of one annotation file, official or Karpathy format (detected). ann_file: as given if it
-    exists, else relative to root. Images with no captions are skipped with a printed count."""
+    exists, else relative to root. Images with no captions are skipped, and warn() says how many."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"COCO folder {root} does not exist; {_how_to_get(root)}")
@@ -483,8 +655,7 @@ def load_coco(root, ann_file) -> list[CocoRecord]:
         raise ValueError(f"{ann}: an entry is malformed ({type(e).__name__}: {e})") from None
     kept = [r for r in records if r.captions]
     if len(kept) < len(records):
-        print(f"warning: {ann}: skipped {len(records) - len(kept)} of {len(records)} images that have no captions",
-              file=sys.stderr)
+        warn(f"{ann}: skipped {len(records) - len(kept)} of {len(records)} images that have no captions")
     if not kept:
         raise ValueError(f"{ann} lists no image with a caption")
     for r in kept:
@@ -513,7 +684,8 @@ def _subset(records: list[CocoRecord], num_images: int | None, sample_seed: int 
     if num_images is None:
         return records
     if not 1 <= num_images <= len(records):
-        raise ValueError(f"num_images={num_images}, but the annotation files list {len(records)} images")
+        raise ValueError(f"num_images={num_images} (--coco-num-images), but the annotation files list "
+                         f"{len(records)} images")
     if sample_seed is None:
         return records[:num_images]  # the first N: the ones download-coco --num-images N fetched
     return [records[i] for i in sorted(random.Random(sample_seed).sample(range(len(records)), num_images))]
@@ -533,26 +705,32 @@ def _split_by_image(n: int, val_fraction: float, test_fraction: float, seed: int
 
 
 def _decode(path: Path, size: int) -> torch.Tensor | str:
-    """The image resized to (3, size, size) uint8, or why it could not be read."""
+    """The image as 8-bit RGB resized to (3, size, size) uint8, or why it could not be read. Grey,
+    palette, CMYK and alpha images become RGB in the decoder; 16-bit PNGs are scaled to 8 bits."""
     if not path.is_file():
         return "missing"
     try:
         image = decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as e:
         return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if image.shape[0] != 3 or min(image.shape[1:]) < 1:
+        return f"unreadable (decoded to shape {tuple(image.shape)})"
+    image = TF.to_dtype(image, torch.uint8, scale=True)   # uint16 (16-bit PNG) -> uint8; uint8 unchanged
     return TF.resize(image, [size, size], antialias=True)
 
 
 def coco_splits(root, ann_files, image_size: int, num_images: int | None = None, sample_seed: int | None = None,
-                val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> dict[str, RetrievalSplit]:
+                val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                warn=_warn) -> dict[str, RetrievalSplit]:
     """Pool the records of ann_files (found under root when empty), take the first num_images (or a seeded
-    sample), split them by image into train/val/test, and decode every image once, up front."""
+    sample), split them by image into train/val/test, and decode every image once, up front. Images that
+    are missing or unreadable are skipped, and warn() says which."""
     root = Path(root)
     files = [ann_files] if isinstance(ann_files, (str, Path)) else list(ann_files)
     files = files or find_annotations(root)
     records, first_seen = [], {}
     for ann in files:
-        for r in load_coco(root, ann):
+        for r in load_coco(root, ann, warn):
             if r.image_id in first_seen:
                 raise ValueError(f"image id {r.image_id} appears twice ({first_seen[r.image_id]} and {r.image}): pass "
                                  f"each image's annotations once (not both the official and the Karpathy file)")
@@ -566,12 +744,12 @@ def coco_splits(root, ann_files, image_size: int, num_images: int | None = None,
                            desc="decoding COCO images", unit="img"))
     bad = [f"{r.image} ({p})" for r, p in zip(records, pixels) if isinstance(p, str)]
     if bad:
-        print(f"warning: skipped {len(bad)} of {len(records)} images, missing or unreadable, e.g. {bad[0]}",
-              file=sys.stderr)
+        warn(f"skipped {len(bad)} of {len(records)} images, missing or unreadable, e.g. {bad[0]}")
     if len(bad) > MAX_BAD_FRACTION * len(records):
         raise ValueError(f"{len(bad)} of {len(records)} images are missing or unreadable (more than "
-                         f"{MAX_BAD_FRACTION:.0%}), e.g. {bad[0]}. If you downloaded only part of a split, pass "
-                         f"num_images=N (download-coco fetches the first N); to repair, rerun download-coco.")
+                         f"{MAX_BAD_FRACTION:.0%}), e.g. {bad[0]}. If you downloaded only part of a split, use "
+                         f"the first N images (--coco-num-images N; download-coco fetches the first N); to "
+                         f"repair, rerun download-coco.")
     splits = {}
     for name, indices in parts.items():
         good = [i for i in indices if not isinstance(pixels[i], str)]

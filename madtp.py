@@ -2,41 +2,32 @@
 
 Cao et al., "MADTP: Multimodal Alignment-Guided Dynamic Token Pruning for Accelerating
 Vision-Language Transformer", CVPR 2024, arXiv 2403.02991: section 3.2 (MAG) and section 3.3
-(DTP). Official code: github.com/double125/MADTP (built on UPop/BLIP). This file follows
-../shared/SPEC.md sections 2, 3 and 5; where SPEC departs from the official code the comment says so.
+(DTP). Official code: github.com/double125/MADTP (built on UPop/BLIP). Where this file departs from
+the official code, the comment says so, and the README lists every difference.
 
 The method in one breath: a learnable matrix T of M "alignment tokens" is shared by the vision and
 text encoders. In every pruned layer each modality's tokens attend to the concepts in T (logits a,
 concept attention P), giving concept features F that an alignment loss L_align pulls together across
 modalities. Each token gets an importance S = mean(S_cls, S_self, S_mag), every sample gets its own
 threshold θ from the concepts, tokens whose score falls below the layer's bar are fused into one
-package token x_fuse, and the rest go on. One scalar β sets the compute budget; how it is shared
-across layers is the `budget` rule (SPEC section 3, "how the budget is shared"):
+package token x_fuse, and the rest go on.
 
-- "global" (as first built): keep S > β·θ with the same β in every layer of every encoder.
-- "layer" (the default): every pruned layer ℓ has its own bar β_ℓ, fitted so that the layer keeps
-  on average the share ρ = 1 / (1 + β) of its input tokens (pooled over the training batch, or
-  over the validation split when calibrating): cls-static's geometric schedule. Which samples keep
-  more is still decided per sample: keep j iff S_j > β_ℓ θ_b, with the sample's own S and θ.
-- "back": as "layer", but back-loaded: the k-th of an encoder's K pruned layers keeps ρ^(2k/(K+1))
-  of its input (the same product over the encoder as "layer"; lighter cuts early, heavier late).
-- "encoder": one bar per encoder, fitted at its first pruned layer, then kept for its later layers.
-
-A pooled bar compares samples with each other only if S / θ means the same in every sample. With
-τ = 1, θ averages over many tokens, so it is high in a cluttered scene (every concept finds an
-object) and low in an empty one, and the empty scene keeps more. With a small τ (the default 0.1)
-each concept proposes the score of the one token it matches best, and the weakest proposal is a
-background token in any scene: S / θ is then "how far above this scene's background", and a
-cluttered scene keeps more tokens than an empty one (README, "Where the cuts fall").
+One scalar β sets the compute budget (not in the paper, whose code moves τ instead). A schedule of
+cut weights w_ℓ shares it across layers: layer ℓ keeps on average the share ρ_ℓ = (1 + β)^(-w_ℓ)
+of its input tokens, so a larger β prunes more in every layer and β stays one monotone knob. With
+the default budget ("layer") each layer has a bar β_ℓ, fitted like a BatchNorm statistic so that
+the layer keeps ρ_ℓ of the tokens pooled over a batch, and each sample keeps its tokens with
+S_j > β_ℓ θ_b: its own θ, its own count. "global" is the rule as the official code has it: one
+bar for every layer, keep S_j > β θ_b. docs/budget.md explains both and how the cut weights are
+found.
 
 On a GPU the pruned forward must not wait for the host: a layer's scores, threshold and keep
 decision run without reading any value back, and the one number a pruned layer reads is the length
-of its longest output sample, which sizes the shorter sequence (prune_tokens). Fitting the bars
-(training, calibration) reads nothing more.
+of its longest output sample, which sizes the shorter sequence (prune_tokens; docs/speed.md).
 
 Shapes: B batch, N tokens of a sequence (0 is CLS), n = N - 1 prunable tokens, R real tokens of a
-packed batch (vlt.py), D width, H heads, M alignment tokens. `valid` (B, N) or `v` (B, n) is False
-for padding.
+packed batch (vlt.py), D width, H heads, M alignment tokens, E encoders, L layers. `valid` (B, N) or
+`v` (B, n) is False for padding.
 """
 
 import math
@@ -46,45 +37,59 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
-from vlt import Seq, pack, real_slots, unpack
+from vlt import Seq, VLTConfig, pack, real_slots, unpack
 
-METHODS = ("madtp", "dtp-no-mag", "cls-static", "random")   # SPEC section 7 (dense = no MADTP at all)
+# Every method is a score (which tokens rank first) and a count rule (how many each sample keeps):
+# "theta": the tokens above the layer's bar relative to the sample's own θ (per-sample counts);
+# "share": ceil(n ρ_ℓ) of every sample's n tokens (fixed counts). The first four are the paper's
+# comparison (README, "Results"); madtp-static and cls-dynamic complete the 2 x 2 of score x count
+# rule that separates MADTP from static CLS pruning (docs/findings.md).
+METHODS = {
+    "madtp": ("S", "theta"),                # the method: MAG-guided score, per-sample counts
+    "dtp-no-mag": ("S_cls+S_self", "theta"),  # the same without MAG's score or L_align
+    "cls-static": ("S_cls", "share"),       # single-modality static pruning, EViT-like
+    "random": ("random", "theta"),          # MADTP's own counts, random tokens
+    "madtp-static": ("S", "share"),         # MADTP's score at fixed counts
+    "cls-dynamic": ("S_cls", "theta"),      # CLS attention at per-sample counts
+}
 ENCODERS = ("vision", "text", "fusion")
-BUDGETS = ("layer", "back", "encoder", "global")   # how β's cut is shared across layers (module docstring)
-RULES = ("ratio", "margin")               # the statistic a layer's bar β_ℓ is compared with (keep_statistic)
+BUDGETS = ("layer", "global")
 RANDOM_SEED = 1234   # fixes the random baseline's per-position scores (see random_scores)
 
 
 @dataclass
 class MADTPConfig:
-    method: str = "madtp"        # one of METHODS
-    num_align_tokens: int = 32   # M; official 100 at D = 768, fewer suit this small model
-    tau: float = 0.1             # τ, temperature of θ's softmax; fixed (official moves it). Small: each concept
-                                 # proposes the score of the token it matches best, so θ is a background level
-    alpha: float = 0.1           # α, weight of L_align (official, all tasks)
+    method: str = "madtp"        # madtp | dtp-no-mag | cls-static | random | madtp-static | cls-dynamic
+    num_align_tokens: int = 32   # M, the alignment tokens; official 100 at D = 768, fewer suit this small model
+    tau: float = 0.1             # τ, temperature of θ's softmax, fixed (official: moved by a ladder); small, so
+                                 # that θ sits at each sample's background level (docs/budget.md)
+    alpha: float = 0.1           # α, weight of L_align in L = L_task + α L_align (official, all tasks)
+    budget: str = "layer"        # layer: a bar per layer fitted to the schedule's share; global: one β (official)
     prune_vision: bool = True    # prune the vision encoder's patch tokens
     prune_text: bool = True      # prune the text encoder's word tokens
     prune_fusion: bool = True    # prune the text tokens of the fusion encoder
-    budget: str = "layer"        # one of BUDGETS: fitted bars per layer (even or back-loaded) or per encoder, or one β
-    rule: str = "ratio"          # one of RULES: keep S > β_ℓ θ (SPEC), or n (S - θ) > β_ℓ
-    first_layer: int = 0         # layers before this one (in every encoder) never prune (EViT: 4 of 12)
+    dynamic_vision: bool = True  # per-sample counts in the vision encoder (off: ceil(n ρ_ℓ) each, as the
+                                 # static methods); for the methods whose counts are per-sample
+    dynamic_text: bool = True    # per-sample counts in the text encoder (off: ceil(n ρ_ℓ) each)
+    dynamic_fusion: bool = True  # per-sample counts in the fusion encoder (off: ceil(n ρ_ℓ) each)
+    first_layer: int = 0         # layers before this one, in every encoder, never prune (EViT: 4 of 12)
+    count_range: float = 0.0     # R > 1: per-sample counts stay within [1/R, R] x the layer's fixed count
+                                 # ceil(n ρ_ℓ); 0: unbounded (per-sample counts only)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.budget not in BUDGETS:
             raise ValueError(f"unknown budget rule {self.budget!r}; choose one of {', '.join(BUDGETS)}")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown keep rule {self.rule!r}; choose one of {', '.join(RULES)}")
-        if self.rule == "margin" and self.budget == "global":
-            raise ValueError("the margin rule needs a fitted bar (--budget layer, back or encoder): "
-                             "with one global β, β = 0 would no longer keep every token")
         if self.first_layer < 0:
             raise ValueError(f"first_layer counts layers from 0, got {self.first_layer}")
+        if self.count_range and self.count_range < 1:
+            raise ValueError(f"count_range is R >= 1 (counts within [1/R, R] x the fixed count) or 0, "
+                             f"got {self.count_range}")
 
 
 # ---------------------------------------------------------------------------------------------
-# MAG: multi-modality alignment guidance (SPEC section 2)
+# MAG: multi-modality alignment guidance (paper section 3.2)
 
 def q(X):
     """The map of an encoder's tokens into the alignment space. Identity, as in the official BLIP
@@ -117,7 +122,7 @@ def alignment_loss(F_v, F_t):
 
 
 # ---------------------------------------------------------------------------------------------
-# DTP: token importance scores, threshold and pruning (SPEC section 3)
+# DTP: token importance scores, threshold and pruning (paper section 3.3)
 
 def normalise(s, v):
     """Zero the padding and make scores sum to 1 over each sample's valid prunable tokens (last dim)."""
@@ -163,15 +168,16 @@ def keep_mask(S, theta, beta, v):
     return (S > beta * theta[:, None]) & v
 
 
-def keep_statistic(S, theta, v, rule):
-    """What a layer's bar β_ℓ is compared with, per token: keep j iff statistic > β_ℓ. (B, n)
-    ratio:  S_j / θ_b, SPEC's rule (keep S > β_ℓ θ). Scale-free within a sample, so a scene whose
-            scores are flat (nothing stands out) looks the same whether it is empty or full.
-    margin: n_b (S_j - θ_b), how far above its own bar a token stands, in units of the uniform
-            share 1 / n_b; a flat scene has every token near 0 and a salient token stands out."""
-    if rule == "ratio":
-        return S / theta[:, None].clamp_min(torch.finfo(S.dtype).tiny)
-    return v.sum(dim=1, keepdim=True) * (S - theta[:, None])
+def keep_share(beta, cut=1.0):
+    """ρ_ℓ = (1 + β)^(-w_ℓ): the share of its input tokens layer ℓ keeps under cut weight w_ℓ.
+    β = 0 keeps everything; a larger β keeps less in every layer with w_ℓ > 0, none with w_ℓ = 0."""
+    return 1 / (1 + beta) ** cut
+
+
+def share_count(n, beta, cut=1.0):
+    """Fixed counts: each sample keeps ceil(n ρ_ℓ) of its n tokens, written as a division so that a
+    whole n (1 + β)^(-w) is not pushed up by rounding. n (B,) -> (B,)"""
+    return torch.minimum(torch.ceil(n / (1 + beta) ** cut), n).long()
 
 
 def share_threshold(statistic, v, rho):
@@ -191,18 +197,6 @@ def top_k_mask(scores, v, k):
     order = scores.masked_fill(~v, float("-inf")).argsort(dim=1, descending=True)   # (B, n)
     rank = order.argsort(dim=1)                                                       # (B, n)
     return (rank < k[:, None]) & v
-
-
-def keep_share(beta):
-    """ρ = 1 / (1 + β): the share of its tokens a layer keeps under cls-static and the fitted
-    budgets, so that the same knob β (0 keeps all, larger prunes more) drives every method."""
-    return 1 / (1 + beta)
-
-
-def static_keep_count(n, beta):
-    """cls-static keeps the fixed share ρ = keep_share(β) of each sample's tokens, ceil(n ρ), written
-    as a division so that a whole n / (1 + β) is not pushed up by rounding. n (B,) -> (B,)"""
-    return torch.minimum(torch.ceil(n / (1 + beta)), n).long()
 
 
 def random_table(depths, max_tokens):
@@ -236,7 +230,7 @@ def prune_tokens(x, seq, keep, S):
     x (R, D) packed with its Seq (vlt.py), keep and S (B, n). Returns the new packed x (R', D), its
     Seq, and idx (B, W-1): slot 1 + j of a sample holds its prunable token idx[b, j] while j < its
     keep count; then comes its package token if it pruned anything, then padding, which no later
-    layer sees (SPEC section 3, batches). Reads W and R', the new sequence's size: one host sync.
+    layer sees (each sample keeps its own count). Reads W and R', the new sequence's size: one host sync.
     """
     valid = seq.valid
     B, N = valid.shape
@@ -260,6 +254,26 @@ def prune_tokens(x, seq, keep, S):
     return x, out, idx
 
 
+def search_cuts(cost, layers, shape, target, step):
+    """A schedule: cut weights w_ℓ (shape (E, L)) for the reduction target, by greedy search. From no
+    pruning, each step deepens by `step` the cut of the one layer in `layers` [(e, l)] whose next
+    step costs the least per unit of reduction, until the reduction reaches the target or no layer
+    can cut more. cost(cuts) -> (loss, reduction). docs/budget.md"""
+    cuts = torch.zeros(shape)
+    loss, reduction = cost(cuts)
+    while reduction < target:
+        trials = []
+        for e, l in layers:
+            trial = cuts.clone()
+            trial[e, l] += step
+            trials.append((trial, *cost(trial)))
+        trials = [t for t in trials if t[2] > reduction + 1e-6]   # the layers that can still cut
+        if not trials:
+            break
+        cuts, loss, reduction = min(trials, key=lambda t: (t[1] - loss) / (t[2] - reduction))
+    return cuts
+
+
 # ---------------------------------------------------------------------------------------------
 # The module that holds T and β and plugs DTP into the VLT's hooks
 
@@ -277,27 +291,33 @@ class Trace:
         self.F = {}                                # encoder -> (B, M, D), summed over layers
         self._pos = {}                             # encoder -> (B, N) original index per slot
 
-    def record(self, encoder, valid_in, valid_out, idx=None, packaged=None, concepts=0, features=False):
+    def record(self, encoder, valid_in, valid_out, idx=None, packaged=None, concepts=0, proposals=0,
+               features=False):
         """idx (B, W-1): the prunable slot each kept token came from, as prune_tokens returns it
         (None: nothing was pruned); packaged (B,): which samples built a package token; concepts: M
-        if MAG's logits a were computed, else 0; features: whether f_l was. The last three only
-        count MADTP's own MACs."""
+        if MAG's logits a were computed, else 0; proposals: M if θ was; features: whether f_l was.
+        The last four only count MADTP's own MACs."""
         rec = dict(n_in=valid_in.sum(dim=1), n_out=valid_out.sum(dim=1), packaged=packaged,
-                   concepts=concepts, features=features)
+                   concepts=concepts, proposals=proposals, features=features)
         if self.positions:
             rec["kept"] = self._pos[encoder] = self._positions(encoder, valid_in, rec, idx)
         self.layers[encoder].append(rec)
 
-    def _positions(self, encoder, valid_in, rec, idx):
-        """(B, N') original token index of every slot after this layer; -1 marks a package token
-        or padding. The fusion encoder's text tokens continue the text encoder's numbering."""
+    def slots(self, encoder, valid_in):
+        """(B, N) original token index of each slot entering the encoder's next layer, -1 for a
+        package token or padding. The fusion encoder's text tokens continue the text encoder's numbering."""
         B, N = valid_in.shape
         if encoder not in self._pos:
             if encoder == "fusion" and "text" in self._pos:   # one forward: text, then fusion
                 self.start.setdefault("fusion", self._pos["text"])
             self._pos[encoder] = self.start.get(encoder, torch.arange(N, device=valid_in.device)
                                                 .expand(B, N).masked_fill(~valid_in, -1))
-        pos = self._pos[encoder]
+        return self._pos[encoder]
+
+    def _positions(self, encoder, valid_in, rec, idx):
+        """(B, N') original token index of every slot after this layer; -1 marks a package token
+        or padding."""
+        pos = self.slots(encoder, valid_in)
         if idx is None:
             return pos
         count = rec["n_out"] - 1 - rec["packaged"].long()                             # (B,) kept tokens
@@ -320,20 +340,32 @@ def count_only(trace, encoder):
 
 
 class MADTP(nn.Module):
-    """T (the alignment tokens), β (the budget) and the per-layer bars β_ℓ; `hooks` gives the VLT a
-    pruning hook per encoder. Like BatchNorm, it fits in training mode (each batch sets the bars
-    β_ℓ for the share ρ that β asks for) and uses the frozen bars in eval mode, so that a sample's
-    result never depends on its batch-mates at evaluation."""
+    """T (the alignment tokens), β (the budget), the schedule's cut weights w_ℓ and the per-layer
+    bars β_ℓ; `hooks` gives the VLT a pruning hook per encoder. Like BatchNorm, it fits in training
+    mode (each batch sets the bars β_ℓ for the shares ρ_ℓ that β asks for) and uses the frozen bars
+    in eval mode, so that a sample's result never depends on its batch-mates at evaluation."""
 
-    def __init__(self, cfg: MADTPConfig, dim: int, depths: tuple, max_tokens: int):
+    def __init__(self, cfg: MADTPConfig, vcfg: VLTConfig):
         super().__init__()
-        self.cfg, self.depths = cfg, dict(zip(ENCODERS, depths))   # (L_v, L_t, L_f)
-        self.T = nn.Parameter(torch.randn(cfg.num_align_tokens, dim))   # N(0, 1), as official
-        self.register_buffer("beta", torch.tensor(0.0))                  # β, set by the controller
-        # β_ℓ per (encoder, layer) for the fitted budgets; -inf (keep all) until first fitted
+        depths = (vcfg.vision_layers, vcfg.text_layers, vcfg.fusion_layers)
+        self.cfg, self.depths = cfg, dict(zip(ENCODERS, depths))
+        # the score and the count rule; experiments/decompose.py switches the counts to compare
+        # per-sample counts with fixed ones at the same schedule
+        self.score, self.counts = METHODS[cfg.method]
+        self.T = nn.Parameter(torch.randn(cfg.num_align_tokens, vcfg.dim))   # N(0, 1), as official
+        self.register_buffer("beta", torch.tensor(0.0))                        # β, set by the controller
+        # w_ℓ per (encoder, layer): 1 everywhere is the uniform schedule, ρ_ℓ = 1 / (1 + β)
+        self.register_buffer("cuts", torch.ones(len(ENCODERS), max(depths)))
+        # β_ℓ per (encoder, layer) for the layer budget; -inf (keep all) until first fitted
         self.register_buffer("bars", torch.full((len(ENCODERS), max(depths)), float("-inf")))
         # the random baseline's fixed scores; rebuilt from RANDOM_SEED, so not saved in checkpoints
+        max_tokens = max(1 + vcfg.num_patches, vcfg.max_text_len)
         self.register_buffer("random", random_table(depths, max_tokens), persistent=False)
+
+    @property
+    def aligned(self):
+        """Whether the score uses the concepts, so that L_align trains them (only then is T trained)."""
+        return self.score == "S"
 
     def prunes(self, encoder, layer):
         on = {"vision": self.cfg.prune_vision, "text": self.cfg.prune_text, "fusion": self.cfg.prune_fusion}
@@ -349,9 +381,12 @@ class MADTP(nn.Module):
             return count_only(trace, encoder)(layer, x_in, x, seq, A)
         return prune
 
+    def hooks(self, trace: Trace):
+        return {e: self.hook(e, trace) for e in ENCODERS}
+
     def aligns(self, encoder, trace):
-        """MADTP's vision and text encoders feed L_align while training; fusion features never do (SPEC 3)."""
-        return trace.features and self.cfg.method == "madtp" and encoder != "fusion"
+        """The vision and text encoders feed L_align while training; fusion features never do."""
+        return trace.features and self.aligned and encoder != "fusion"
 
     @staticmethod
     def add_features(encoder, P, X, trace):
@@ -359,56 +394,62 @@ class MADTP(nn.Module):
         trace.F[encoder] = trace.F[encoder] + f if encoder in trace.F else f
 
     def prune_layer(self, encoder, layer, x_in, x, seq, A, trace):
-        """SPEC section 3 in one layer: scores S, threshold θ, keep S > βθ, package the rest.
-        x_in, x (R, D) packed: MAG reads the layer's input x_in, the pruning packages x."""
-        cfg, valid = self.cfg, seq.valid
-        v = valid[:, 1:]                                                           # (B, n)
-        concepts, features = 0, False
-        if cfg.method == "cls-static":
-            S = importance(cls_score(A)[:, None], v)
-            keep = top_k_mask(S, v, static_keep_count(v.sum(dim=1), self.beta))
+        """Section 3.3 in one layer: scores S, the keep decision, the package token. x_in, x (R, D)
+        packed: MAG reads the layer's input x_in, the pruning packages x."""
+        e, v = ENCODERS.index(encoder), seq.valid[:, 1:]                            # v (B, n)
+        theta_counts = self.counts == "theta" and getattr(self.cfg, f"dynamic_{encoder}")
+        a = mag_logits(x_in, seq, self.T) if theta_counts or self.score in ("S", "random") else None
+        P = concept_attention(a) if self.score in ("S", "random") else None
+        S = self.importance(encoder, layer, A, P, v)
+        if theta_counts:
+            keep = self.keep(e, layer, S, threshold(a, S, self.cfg.tau), v)
         else:
-            a = mag_logits(x_in, seq, self.T)
-            S_cls, S_self = cls_score(A), self_score(A, v)
-            if cfg.method == "dtp-no-mag":
-                S = importance(torch.stack([S_cls, S_self], dim=1), v)
-            else:
-                P = concept_attention(a)
-                S = importance(torch.stack([S_cls, S_self, mag_score(P)], dim=1), v)
-            theta = threshold(a, S, cfg.tau)
-            keep = self.keep(encoder, layer, S, theta, v)
-            concepts = cfg.num_align_tokens
-            if cfg.method == "random":              # MADTP's counts, random choice of tokens
-                S = normalise(random_scores(self.random[ENCODERS.index(encoder), layer], v), v)
-                keep = top_k_mask(S, v, keep.sum(dim=1))
-            if self.aligns(encoder, trace):
-                self.add_features(encoder, P, unpack(x_in, seq)[:, 1:], trace)
-                features = True
+            keep = self.top_k(encoder, layer, S, v, share_count(v.sum(dim=1), self.beta, self.cuts[e, layer]))
+        if self.score == "random":   # MADTP's counts, random choice of tokens
+            S = normalise(random_scores(self.random[e, layer], v), v)
+            keep = top_k_mask(S, v, keep.sum(dim=1))
+        features = self.aligns(encoder, trace)
+        if features:
+            self.add_features(encoder, P, unpack(x_in, seq)[:, 1:], trace)
         x, seq_out, idx = prune_tokens(x, seq, keep, S)
-        trace.record(encoder, valid, seq_out.valid, idx, (v & ~keep).any(dim=1), concepts, features)
+        M = self.cfg.num_align_tokens
+        trace.record(encoder, seq.valid, seq_out.valid, idx, (v & ~keep).any(dim=1), M if a is not None else 0,
+                     M if theta_counts else 0, features)
         return x, seq_out
 
-    def keep(self, encoder, layer, S, theta, v):
-        """The keep decision of the threshold methods: each sample's own θ, and the budget rule's bar."""
+    def importance(self, encoder, layer, A, P, v):
+        """The method's S: (S_cls + S_self + S_mag) / 3 for MADTP (and for the random baseline's
+        counts), (S_cls + S_self) / 2 without MAG, S_cls alone for the CLS methods. (B, n)"""
+        parts = [cls_score(A)]
+        if self.score != "S_cls":
+            parts.append(self_score(A, v))
+        if P is not None:
+            parts.append(mag_score(P))
+        return importance(torch.stack(parts, dim=1), v)
+
+    def keep(self, e, layer, S, theta, v):
+        """Per-sample counts: each sample's own θ, and the budget rule's bar; with count_range R, each
+        count clamped to [1/R, R] times the layer's fixed count, keeping the highest S / θ."""
         if self.cfg.budget == "global":
             return keep_mask(S, theta, self.beta, v)
-        statistic = keep_statistic(S, theta, v, self.cfg.rule)
-        e = ENCODERS.index(encoder)
-        fits = self.training and (self.cfg.budget != "encoder" or layer == self.cfg.first_layer)
-        if fits:   # the encoder budget fits at its first pruned layer and keeps that bar after it
-            rho = keep_share(self.beta)
-            if self.cfg.budget == "back":
-                k, K = layer - self.cfg.first_layer + 1, self.depths[encoder] - self.cfg.first_layer
-                rho = rho ** (2 * k / (K + 1))
-            self.bars[e, layer:] = share_threshold(statistic.detach(), v, rho)
-        return (statistic > self.bars[e, layer]) & v
+        ratio = S / theta[:, None].clamp_min(torch.finfo(S.dtype).tiny)           # keep j iff S_j > β_ℓ θ_b
+        if self.training:
+            self.bars[e, layer] = share_threshold(ratio.detach(), v, keep_share(self.beta, self.cuts[e, layer]))
+        keep = (ratio > self.bars[e, layer]) & v
+        if not self.cfg.count_range:
+            return keep
+        R, n = self.cfg.count_range, v.sum(dim=1)
+        fixed = share_count(n, self.beta, self.cuts[e, layer])                         # (B,)
+        count = torch.minimum(keep.sum(dim=1).float().clamp(torch.ceil(fixed / R), torch.ceil(fixed * R)), n)
+        return top_k_mask(ratio, v, count.long())
 
-    def hooks(self, trace: Trace):
-        return {e: self.hook(e, trace) for e in ENCODERS}
+    def top_k(self, encoder, layer, S, v, k):
+        """Fixed counts: each sample keeps its k[b] highest-scoring tokens."""
+        return top_k_mask(S, v, k)
 
 
 # ---------------------------------------------------------------------------------------------
-# GFLOPs per sample (SPEC section 5)
+# GFLOPs per sample
 #
 # Counted as multiply-accumulates and called "GFLOPs", fvcore's convention (DeiT, ToMe, UPop,
 # MADTP); torch.utils.flop_counter counts 2 per MAC, so it reads twice these numbers. Matrix
@@ -426,9 +467,9 @@ def block_macs(cfg, n_in, n_out, m=None):
 
 def madtp_macs(cfg, r):
     """What MADTP itself spends in one layer record r, per sample, on its n prunable input tokens:
-    the logits a and the proposals inside θ (M per token each), the features f_l, and x_fuse."""
+    the logits a, the proposals inside θ (M per token each), the features f_l, and x_fuse."""
     n = r["n_in"] - 1
-    macs = r["concepts"] * n * (cfg.dim + 1)
+    macs = r["concepts"] * n * cfg.dim + r["proposals"] * n
     if r["features"]:
         macs = macs + r["concepts"] * n * cfg.dim
     if r["packaged"] is not None:
@@ -465,3 +506,23 @@ def dense_gflops(cfg, text_tokens):
     return {"vision": (cfg.vision_layers * block_macs(cfg, n_v, n_v) + heads["vision"]) / 1e9,
             "text": (cfg.text_layers * block_macs(cfg, n_t, n_t) + heads["text"]) / 1e9,
             "fusion": (cfg.fusion_layers * block_macs(cfg, n_t, n_t, n_v) + heads["fusion"]) / 1e9}
+
+
+def pair_gflops(cfg, vision, text, fusion, txt2img, text_tokens):
+    """What a retrieval pair costs: its image through the vision encoder, its caption through the
+    text encoder and one fusion pass, averaged over the pairs; and the reduction from dense. vision
+    (I,) per image, text and fusion (T,) per caption, txt2img (T,) its image, text_tokens (T,)."""
+    parts = dict(vision=vision[txt2img], text=text, fusion=fusion)
+    total = sum(parts.values()).mean().item()
+    dense = sum(dense_gflops(cfg, text_tokens).values()).mean().item()
+    return dict(gflops=total, gflops_dense=dense, gflops_reduction=1 - total / dense,
+                **{f"gflops_{e}": parts[e].mean().item() for e in ENCODERS})
+
+
+def realised_reduction(cfg, trace, image_of_pair, text_tokens):
+    """1 - GFLOPs / dense GFLOPs of a training batch's true pairs (the first B of its fusion passes,
+    image_of_pair their images), as the β controller reads it after every step."""
+    B = len(text_tokens)
+    g = gflops(cfg, trace, image_tokens=trace.layers["vision"][-1]["n_out"][image_of_pair])
+    pruned = g["vision"].sum() + g["text"].sum() + g["fusion"][:B].sum()
+    return 1 - pruned / sum(v.sum() for v in dense_gflops(cfg, text_tokens).values())

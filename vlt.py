@@ -2,9 +2,9 @@
 
 The model MADTP prunes (Cao et al., "MADTP: Multimodal Alignment-Guided Dynamic Token Pruning for
 Accelerating Vision-Language Transformer", CVPR 2024, arXiv 2403.02991, section 3.1; official code
-github.com/double125/MADTP, built on BLIP). It is ALBEF/BLIP-shaped, as ../shared/SPEC.md section 1
-describes: a vision encoder and a text encoder (dual encoder, for ITC retrieval) followed by a
-fusion encoder whose text tokens cross-attend to the image tokens (for ITM re-ranking).
+github.com/double125/MADTP, built on BLIP). It is ALBEF/BLIP-shaped: a vision encoder and a text
+encoder (dual encoder, for ITC retrieval) followed by a fusion encoder whose text tokens
+cross-attend to the image tokens (for ITM re-ranking).
 
 Every block calls an optional `prune` hook after its self-attention residual add, before
 cross-attention and the MLP: that is where the official code prunes, and where madtp.py plugs in.
@@ -18,7 +18,7 @@ padded batch would spend on padding much of what pruning saved; packed, the proj
 LayerNorm and residual adds (most of the compute) run on real tokens only, and attention is the one
 place that needs the padded (B, N) grid. A `Seq` says where the real tokens sit. Building one reads
 one number on the host (R): once per input sequence and once per pruned layer, never in a dense
-layer, so a GPU can run every dense layer ahead of the host.
+layer, so a GPU can run every dense layer ahead of the host (docs/speed.md).
 
 Shapes: B batch, N tokens (index 0 is CLS), R real tokens of a batch, D width, H heads. `valid`
 (B, N) is False for padding.
@@ -116,9 +116,9 @@ class Attention(nn.Module):
         (B, N), Nc, H, D = seq.valid.shape, ctx_seq.valid.shape[1], self.heads, x.shape[-1]
         q = unpack(self.q(x), seq).view(B, N, H, D // H).transpose(1, 2)                  # (B, H, N, D/H)
         k, v = unpack(self.kv(ctx), ctx_seq).view(B, Nc, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nc, D/H)
-        # scale, QKᵀ and the padding mask in one batched product
+        # scale, QKᵀ and the padding mask in one batched product: (B * H, N, Nc)
         logits = torch.baddbmm(padding_bias(ctx_seq.valid, H).to(q.dtype), q.reshape(B * H, N, D // H),
-                               k.reshape(B * H, Nc, D // H).transpose(1, 2), alpha=1 / math.sqrt(D // H))  # (B * H, N, Nc)
+                               k.reshape(B * H, Nc, D // H).transpose(1, 2), alpha=1 / math.sqrt(D // H))
         A = logits.softmax(dim=-1).view(B, H, N, Nc)
         out = (A.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, D)                      # (B, N, D)
         return self.proj(pack(out, seq)), A
@@ -142,7 +142,7 @@ class Block(nn.Module):
         h = self.ln1(x)
         h, A = self.attn(h, seq, h, seq)
         x = x + h
-        if prune is not None:  # SPEC 1: prune after the self-attention residual, before cross-attn and MLP
+        if prune is not None:  # where the official code prunes: after self-attention, before cross-attn and MLP
             x, seq = prune(layer, x_in, x, seq, A)
         if self.cross is not None:
             x = x + self.cross(self.ln_cross(x), seq, image, image_seq)[0]
@@ -287,11 +287,13 @@ def itc_loss(model: VLT, e_img, e_txt, image_ids):
 
 def hard_negatives(sim, image_ids):
     """For each image a negative caption, and for each caption a negative image, sampled in
-    proportion to their ITC similarity (ALBEF/BLIP), never a true pair."""
+    proportion to their ITC similarity (ALBEF/BLIP), never a true pair. Non-finite similarities (a
+    diverged model) weigh 0: they reach the loss, where training stops on them, not the sampler."""
     pos = positives(image_ids, image_ids)
     with torch.no_grad():
-        w_i2t = sim.float().softmax(1).masked_fill(pos, 0) + 1e-9 * ~pos   # keeps a row with one
-        w_t2i = sim.t().float().softmax(1).masked_fill(pos, 0) + 1e-9 * ~pos  # negative samplable
+        def weights(s):   # + 1e-9 keeps a row with one negative samplable
+            return torch.nan_to_num(s.float().softmax(1), nan=0.0, posinf=0.0).masked_fill(pos, 0) + 1e-9 * ~pos
+        w_i2t, w_t2i = weights(sim), weights(sim.t())
         neg_text = torch.multinomial(w_i2t, 1).squeeze(1)                     # (B,) caption per image
         neg_image = torch.multinomial(w_t2i, 1).squeeze(1)                    # (B,) image per caption
     return neg_text, neg_image
@@ -304,10 +306,10 @@ def itm_loss(itm_logits, B):
     return F_.cross_entropy(itm_logits.float(), labels)
 
 
-def task_loss(model: VLT, images, ids, valid, image_ids, hooks=None):
-    """L_task = L_itc + L_itm on a batch of matching pairs (SPEC section 1). The fusion encoder
-    runs once on 3B pairs: the true ones, each image with a hard negative caption, each caption
-    with a hard negative image."""
+def task_loss(model: VLT, images, ids, valid, image_ids, hooks=None, negatives=None):
+    """L_task = L_itc + L_itm on a batch of matching pairs. The fusion encoder runs once on 3B pairs:
+    the true ones, each image with a hard negative caption, each caption with a hard negative image,
+    drawn from the ITC similarities unless negatives = (neg_text, neg_image) fixes them."""
     if len(images) != len(ids) or len(ids) != len(image_ids):
         raise ValueError(f"batch sizes differ: {len(images)} images, {len(ids)} captions, {len(image_ids)} image ids")
     if len(image_ids.unique()) < 2:
@@ -318,9 +320,25 @@ def task_loss(model: VLT, images, ids, valid, image_ids, hooks=None):
     text, text_valid = model.encode_text(ids, valid, hooks.get("text"))
     e_img, e_txt = model.embed_image(image), model.embed_text(text)
     l_itc, sim = itc_loss(model, e_img, e_txt, image_ids)
-    neg_text, neg_image = hard_negatives(sim, image_ids)
+    neg_text, neg_image = hard_negatives(sim, image_ids) if negatives is None else negatives
     arange = torch.arange(B, device=images.device)
     t_idx = torch.cat([arange, neg_text, arange])                               # (3B,) caption of each pair
     i_idx = torch.cat([arange, arange, neg_image])                              # (3B,) image of each pair
     itm = model.fuse(text[t_idx], text_valid[t_idx], image[i_idx], image_valid[i_idx], hooks.get("fusion"))
     return l_itc + itm_loss(itm, B), dict(itc=l_itc.detach(), image_of_pair=i_idx)
+
+
+def recalls(sim, top_t, top_i, itm_i2t, itm_t2i, img2txt, txt2img, ks=(1, 5, 10)):
+    """BLIP's itm_eval: each query's top-k ITC candidates re-scored by ITM logit + ITC similarity,
+    then Recall@K image->text (any of the image's captions) and text->image, and r_mean, their mean.
+    sim (I, T); top_t (I, k) captions per image; top_i (T, k) images per caption; itm_* their logits."""
+    def ranks(sim, top, itm, targets):   # where the first of each query's targets ranks
+        scores = torch.full_like(sim, -1e4)                                              # (Q, C)
+        rows = torch.arange(len(top))[:, None].expand(-1, top.shape[1])                 # (Q, k)
+        scores[rows, top] = itm.view(top.shape) + sim[rows, top]
+        return torch.tensor([torch.isin(row.argsort(descending=True), torch.tensor(t)).nonzero()[0, 0].item()
+                             for row, t in zip(scores, targets)])
+    r_i = ranks(sim, top_t, itm_i2t, img2txt)
+    r_t = ranks(sim.t(), top_i, itm_t2i, [[i] for i in txt2img])
+    r = {f"{d}_r{k}": 100 * (rank < k).float().mean().item() for d, rank in (("i2t", r_i), ("t2i", r_t)) for k in ks}
+    return dict(r, r_mean=sum(r.values()) / len(r))
