@@ -98,7 +98,6 @@ DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_CHUNK_BYTES = 1 << 16
 
 
-
 def _warn(message: str):
     print(f"warning: {message}", file=sys.stderr)
 

@@ -403,8 +403,9 @@ def search_schedule(cfg, run, vcfg, mcfg, split, tokenizer, dense, folder=None):
     cache, mcfg = (folder or run.out) / f"schedule-{cfg.prune_ratio:.2f}.json", replace(mcfg, method="cls-static")
     key = dict(dense_identity(cfg, vcfg, tokenizer), prune_ratio=cfg.prune_ratio, first_layer=mcfg.first_layer,
                **{f"prune_{e}": getattr(mcfg, f"prune_{e}") for e in ENCODERS})   # what the search depends on
-    if cache.exists() and json.loads(cache.read_text())["key"] == key:
-        return torch.tensor(json.loads(cache.read_text())["cuts"])
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("key") == key:
+        return torch.tensor(cached["cuts"])
     probe = MADTP(mcfg, vcfg).to(run.device).eval()
     probe.beta.fill_(1.0)                                                   # ρ_ℓ = 2^(-w_ℓ)
     captions = [cs[0] for cs in split.img2txt[:SEARCH_PAIRS]]               # one caption per image
@@ -712,8 +713,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     cfg, vcfg, mcfg = configs(args)
     check(args, cfg, vcfg, mcfg)
-    run = Run(cfg, resume=args.resume)
-    try:
+    with Run(cfg, resume=args.resume) as run:
         for name, c in (("config", cfg), ("madtp", mcfg)):
             run.log(f"{name}: {json.dumps(asdict(c))}")
         splits = load_splits(cfg, vcfg, run)
@@ -726,11 +726,6 @@ def main(argv=None):
         compressed, madtp = stage_compress(cfg, run, vcfg, mcfg, splits, tokenizer, dense)
         if run.main:
             report(cfg, run, mcfg, tokenizer, splits, dense, compressed, madtp)
-    except Interrupted as stop:
-        run.fail(f"{signal.Signals(stop.args[0]).name}: stopped; the finished checkpoints in {run.out} are "
-                 "kept, and the same command with --resume continues", code=128 + stop.args[0])
-    finally:
-        run.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,7 +741,7 @@ AT_LEAST = dict(batch_size=(2, "ITM draws each pair's negatives from its batch")
                      "num_train", "num_val", "captions_per_image", "scene_objects", "image_size", "patch_size",
                      "dim", "heads", "mlp_ratio", "embed_dim", "vision_layers", "text_layers", "fusion_layers"],
                     (1, "")), **dict.fromkeys(["dense_steps", "prune_steps", "num_workers", "coco_num_images",
-                                               "num_drawn", "first_layer"], (0, "")))
+                                               "num_drawn"], (0, "")))
 
 
 def check(args, cfg: TrainConfig, vcfg: VLTConfig, mcfg: MADTPConfig, methods=None):
@@ -768,7 +763,6 @@ def check(args, cfg: TrainConfig, vcfg: VLTConfig, mcfg: MADTPConfig, methods=No
         (cfg.weight_decay < 0, f"--weight-decay cannot be negative, got {cfg.weight_decay}"),
         (mcfg.tau <= 0, f"--tau must be > 0 (θ's softmax temperature), got {mcfg.tau}; the default is 0.1"),
         (mcfg.alpha < 0, f"--alpha weighs L_align and cannot be negative, got {mcfg.alpha}"),
-        (mcfg.count_range and mcfg.count_range < 1, f"--count-range is R >= 1 or 0, got {mcfg.count_range}"),
         (mcfg.first_layer >= depth, f"--first-layer {mcfg.first_layer} leaves no layer to prune: the "
                                     f"deepest encoder has {depth} layers, counted from 0"),
         (not (mcfg.prune_vision or mcfg.prune_text or mcfg.prune_fusion),
@@ -834,6 +828,19 @@ class Run:
         flag = torch.tensor(float(self.stop is not None), device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        """Release the lock and the handlers however the run ends; a signal outside a training step
+        (which saves by itself) becomes one line and exit 128 + its number."""
+        self.close()
+        if isinstance(error, Interrupted):
+            signum = error.args[0]
+            self.fail(f"{signal.Signals(signum).name}: stopped; what was finished in {self.out} is kept, and "
+                      "the same command continues it (with --resume for an unfinished training stage)",
+                      code=128 + signum)
 
     def close(self):
         for s, handler in self.handlers.items():

@@ -133,16 +133,10 @@ def main(argv=None):
         train.fail(f"--ratios are reductions in (0, 1) and --arms methods of {', '.join(METHODS)} (not --method "
                    f"or --prune-ratio); got {args.ratios!r} and {args.arms!r}")
     train.check(args, cfg, vcfg, mcfg, methods=arms)
-    run = train.Run(cfg, resume=args.resume)
-    if run.distributed:
-        train.fail("experiments.compare runs in one process; start it without torchrun")
-    try:
+    with train.Run(cfg, resume=args.resume) as run:
+        if run.distributed:
+            train.fail("experiments.compare runs in one process; start it without torchrun")
         sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, args.name, args.timed)
-    except train.Interrupted as stop:
-        run.fail(f"stopped by signal {stop.args[0]}; finished checkpoints and evaluations in {run.out} are "
-                 "kept, and the same command continues", code=128 + stop.args[0])
-    finally:
-        run.close()
 
 
 def parse(text, kind, flag):

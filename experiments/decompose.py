@@ -105,7 +105,7 @@ def main(argv=None):
     p = evaluation_parser(__doc__.split("\n\n")[0], "python -m experiments.decompose")
     args = p.parse_args(argv)
     r = restore(args.checkpoint, args)
-    try:
+    with r.run:
         if r.madtp is None:
             train.fail(f"{args.checkpoint} is a dense model: decompose a compressed one (<method>-<p>.pt)")
         if r.madtp.cfg.budget != "layer":
@@ -122,10 +122,6 @@ def main(argv=None):
             dict(variant=label, **m) for label, m in results]))
         train.write_atomic(r.run.out / f"{name}.md", lambda tmp: tmp.write_text(md + "\n"))
         r.run.log(f"wrote {r.run.out / name}.md and .json")
-    except train.Interrupted as stop:
-        r.run.fail(f"stopped by signal {stop.args[0]}", code=128 + stop.args[0])
-    finally:
-        r.run.close()
     return results
 
 

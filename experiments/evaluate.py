@@ -26,10 +26,11 @@ def main(argv=None):
                    "on the validation split)")
     args = p.parse_args(argv)
     r = restore(args.checkpoint, args)
-    try:
-        if args.beta is not None and r.madtp is not None:
-            if not args.beta >= 0:
-                train.fail(f"--beta must be >= 0, got {args.beta}")
+    with r.run:
+        if args.beta is not None:
+            if r.madtp is None or not args.beta >= 0:
+                train.fail(f"--beta re-prunes a compressed checkpoint at β >= 0; got {args.beta} for "
+                           f"{'a dense one' if r.madtp is None else 'this one'}")
             r.madtp.beta.fill_(args.beta)
             train.fit_bars(r.cfg, r.run, r.model, r.madtp, r.splits["val"], r.tokenizer)
         m = train.evaluate(r.cfg, r.run, r.model, r.madtp, r.splits["test"], r.tokenizer)
@@ -45,10 +46,6 @@ def main(argv=None):
         train.write_json(out, m)
         if args.profile:
             profile(r)
-    except train.Interrupted as stop:
-        r.run.fail(f"stopped by signal {stop.args[0]}", code=128 + stop.args[0])
-    finally:
-        r.run.close()
     return m
 
 
