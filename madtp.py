@@ -37,13 +37,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
-from vlt import Seq, VLTConfig, pack, real_slots, unpack
+from vlt import READS_ALL, READS_CLS, READS_NOTHING, PruneHook, Seq, VLTConfig, Weights, pack, real_slots, unpack
 
 # Every method is a score (which tokens rank first) and a count rule (how many each sample keeps):
 # "theta": the tokens above the layer's bar relative to the sample's own θ (per-sample counts);
-# "share": ceil(n ρ_ℓ) of every sample's n tokens (fixed counts). The first four are the paper's
-# comparison (README, "Results"); madtp-static and cls-dynamic complete the 2 x 2 of score x count
-# rule that separates MADTP from static CLS pruning (docs/findings.md).
+# "share": ceil(n ρ_ℓ) of every sample's n tokens (fixed counts); "batch-max": the official code's
+# rule, every sample keeps as many as the batch's largest count above β θ_b (batch_max_mask). The
+# first four are the paper's comparison (README, "Results"); madtp-static and cls-dynamic complete
+# the 2 x 2 of score x count rule that separates MADTP from static CLS pruning (docs/findings.md);
+# madtp-official is what the official code runs, and the one method whose result depends on the batch.
 METHODS = {
     "madtp": ("S", "theta"),                # the method: MAG-guided score, per-sample counts
     "dtp-no-mag": ("S_cls+S_self", "theta"),  # the same without MAG's score or L_align
@@ -51,6 +53,7 @@ METHODS = {
     "random": ("random", "theta"),          # MADTP's own counts, random tokens
     "madtp-static": ("S", "share"),         # MADTP's score at fixed counts
     "cls-dynamic": ("S_cls", "theta"),      # CLS attention at per-sample counts
+    "madtp-official": ("S", "batch-max"),   # MADTP as its code runs it: one β, the batch's largest count
 }
 ENCODERS = ("vision", "text", "fusion")
 BUDGETS = ("layer", "global")
@@ -59,7 +62,8 @@ RANDOM_SEED = 1234   # fixes the random baseline's per-position scores (see rand
 
 @dataclass
 class MADTPConfig:
-    method: str = "madtp"        # madtp | dtp-no-mag | cls-static | random | madtp-static | cls-dynamic
+    method: str = "madtp"        # madtp | dtp-no-mag | cls-static | random | madtp-static | cls-dynamic |
+                                 # madtp-official
     num_align_tokens: int = 32   # M, the alignment tokens; official 100 at D = 768, fewer suit this small model
     tau: float = 0.1             # τ, temperature of θ's softmax, fixed (official: moved by a ladder); small, so
                                  # that θ sits at each sample's background level (docs/budget.md)
@@ -130,16 +134,17 @@ def normalise(s, v):
     return s / s.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
 
 
-def cls_score(A):
-    """S_cls[j]: attention from CLS to token j, mean over heads. A (B, H, N, N) -> (B, n), unnormalised.
+def cls_score(A: Weights):
+    """S_cls[j]: attention from CLS to token j, mean over heads. A.cls (B, H, N) -> (B, n), unnormalised.
     (Official: heads weighted by the norm of their output; plain mean here.)"""
-    return A[:, :, 0, 1:].mean(dim=1)
+    return A.cls[:, :, 1:].mean(dim=1)
 
 
-def self_score(A, v):
+def self_score(A: Weights, v):
     """S_self[j] = Σ_i max_h A[h, i, j] over valid prunable queries i: how much the other tokens
-    look at j. (B, n), unnormalised; the sum over queries is one batched product."""
-    look = A[:, :, 1:, 1:].amax(dim=1)                                          # (B, n_query, n_key)
+    look at j. A.head_max (B, N, N) is max_h A; (B, n), unnormalised; the sum over queries is one
+    batched product."""
+    look = A.head_max[:, 1:, 1:]                                                # (B, n_query, n_key)
     return (v[:, None, :].to(look.dtype) @ look)[:, 0]                          # (B, 1, n) @ (B, n, n)
 
 
@@ -166,6 +171,16 @@ def threshold(a, S, tau):
 def keep_mask(S, theta, beta, v):
     """Keep token j iff S[b, j] > β θ_b. β = 0 keeps every valid token; larger β keeps fewer."""
     return (S > beta * theta[:, None]) & v
+
+
+def batch_max_mask(S, keep, v):
+    """The official code's count rule (its Reduce_token): every sample keeps its K highest-scoring
+    tokens, K the largest count that `keep` gives any sample of the batch, and the layer prunes
+    nothing where K < 1 or n - K <= 1 (n the batch's prunable width, padding included, as there).
+    A sample's count, and so its result, depends on its batch-mates. (B, n) bool"""
+    K = keep.sum(dim=1).amax()                                                     # () on the device
+    prunes = (K >= 1) & (v.shape[1] - K > 1)
+    return torch.where(prunes, top_k_mask(S, v, K.expand(len(v))), v)
 
 
 def keep_share(beta, cut=1.0):
@@ -245,7 +260,7 @@ def prune_tokens(x, seq, keep, S):
     src = torch.cat([row[:, :1], row[:, 1:].gather(1, idx)], dim=1)                 # (B, W) the row each slot copies
     slot = torch.arange(W, device=x.device)[None, :]                               # (1, W)
     valid_out = slot < length[:, None]                                             # (B, W)
-    out = Seq(valid_out, real_slots(valid_out, R))
+    out = Seq(valid_out, real_slots(valid_out, R), padded=R < B * W)
     x_fuse = package_weights(S, fused).to(x.dtype)[:, None, :] @ unpack(x, seq)[:, 1:]   # (B, 1, n) @ (B, n, D)
     is_package = pack(slot == 1 + count[:, None], out)                             # (R',)
     sample = pack(torch.arange(B, device=x.device)[:, None].expand(B, W), out)     # (R',) sample of each row
@@ -292,13 +307,14 @@ class Trace:
         self._pos = {}                             # encoder -> (B, N) original index per slot
 
     def record(self, encoder, valid_in, valid_out, idx=None, packaged=None, concepts=0, proposals=0,
-               features=False):
+               features=False, cls_row=False):
         """idx (B, W-1): the prunable slot each kept token came from, as prune_tokens returns it
         (None: nothing was pruned); packaged (B,): which samples built a package token; concepts: M
-        if MAG's logits a were computed, else 0; proposals: M if θ was; features: whether f_l was.
-        The last four only count MADTP's own MACs."""
+        if MAG's logits a were computed, else 0; proposals: M if θ was; features: whether f_l was;
+        cls_row: whether attention computed the CLS row beside its fused output (vlt.cls_row).
+        The last five only count MADTP's own MACs."""
         rec = dict(n_in=valid_in.sum(dim=1), n_out=valid_out.sum(dim=1), packaged=packaged,
-                   concepts=concepts, proposals=proposals, features=features)
+                   concepts=concepts, proposals=proposals, features=features, cls_row=cls_row)
         if self.positions:
             rec["kept"] = self._pos[encoder] = self._positions(encoder, valid_in, rec, idx)
         self.layers[encoder].append(rec)
@@ -332,11 +348,12 @@ def dense_hooks(trace):
 
 
 def count_only(trace, encoder):
-    """A hook that prunes nothing and only counts: for dense models and switched-off encoders."""
-    def hook(layer, x_in, x, seq, A):
+    """A hook that prunes nothing, reads no attention weights and only counts: for dense models and
+    switched-off encoders."""
+    def prune(layer, x_in, x, seq, A):
         trace.record(encoder, seq.valid, seq.valid)
         return x, seq
-    return hook
+    return PruneHook(prune)
 
 
 class MADTP(nn.Module):
@@ -378,8 +395,14 @@ class MADTP(nn.Module):
             if self.aligns(encoder, trace):  # keeps every token, but still feeds L_align
                 P = concept_attention(mag_logits(x_in, seq, self.T))
                 self.add_features(encoder, P, unpack(x_in, seq)[:, 1:], trace)
-            return count_only(trace, encoder)(layer, x_in, x, seq, A)
-        return prune
+            return count_only(trace, encoder).prune(layer, x_in, x, seq, A)
+        return PruneHook(prune, reads=lambda layer: self.reads(encoder, layer))
+
+    def reads(self, encoder, layer):
+        """What this layer's score reads of the attention weights: S_cls the CLS row, S_self all of them."""
+        if not self.prunes(encoder, layer):
+            return READS_NOTHING
+        return READS_CLS if self.score == "S_cls" else READS_ALL
 
     def hooks(self, trace: Trace):
         return {e: self.hook(e, trace) for e in ENCODERS}
@@ -397,7 +420,7 @@ class MADTP(nn.Module):
         """Section 3.3 in one layer: scores S, the keep decision, the package token. x_in, x (R, D)
         packed: MAG reads the layer's input x_in, the pruning packages x."""
         e, v = ENCODERS.index(encoder), seq.valid[:, 1:]                            # v (B, n)
-        theta_counts = self.counts == "theta" and getattr(self.cfg, f"dynamic_{encoder}")
+        theta_counts = self.counts != "share" and getattr(self.cfg, f"dynamic_{encoder}")
         a = mag_logits(x_in, seq, self.T) if theta_counts or self.score in ("S", "random") else None
         P = concept_attention(a) if self.score in ("S", "random") else None
         S = self.importance(encoder, layer, A, P, v)
@@ -414,7 +437,7 @@ class MADTP(nn.Module):
         x, seq_out, idx = prune_tokens(x, seq, keep, S)
         M = self.cfg.num_align_tokens
         trace.record(encoder, seq.valid, seq_out.valid, idx, (v & ~keep).any(dim=1), M if a is not None else 0,
-                     M if theta_counts else 0, features)
+                     M if theta_counts else 0, features, cls_row=self.reads(encoder, layer) == READS_CLS)
         return x, seq_out
 
     def importance(self, encoder, layer, A, P, v):
@@ -429,7 +452,10 @@ class MADTP(nn.Module):
 
     def keep(self, e, layer, S, theta, v):
         """Per-sample counts: each sample's own θ, and the budget rule's bar; with count_range R, each
-        count clamped to [1/R, R] times the layer's fixed count, keeping the highest S / θ."""
+        count clamped to [1/R, R] times the layer's fixed count, keeping the highest S / θ. The
+        official rule: one β, S_j > β θ_b, and the batch's largest count for every sample."""
+        if self.counts == "batch-max":
+            return batch_max_mask(S, keep_mask(S, theta, self.beta, v), v)
         if self.cfg.budget == "global":
             return keep_mask(S, theta, self.beta, v)
         ratio = S / theta[:, None].clamp_min(torch.finfo(S.dtype).tiny)           # keep j iff S_j > β_ℓ θ_b
@@ -467,9 +493,10 @@ def block_macs(cfg, n_in, n_out, m=None):
 
 def madtp_macs(cfg, r):
     """What MADTP itself spends in one layer record r, per sample, on its n prunable input tokens:
-    the logits a, the proposals inside θ (M per token each), the features f_l, and x_fuse."""
+    the logits a, the proposals inside θ (M per token each), the features f_l, x_fuse, and the CLS
+    row of QKᵀ that a fused attention computes again for S_cls (over all n + 1 keys)."""
     n = r["n_in"] - 1
-    macs = r["concepts"] * n * cfg.dim + r["proposals"] * n
+    macs = r["concepts"] * n * cfg.dim + r["proposals"] * n + r["cls_row"] * r["n_in"] * cfg.dim
     if r["features"]:
         macs = macs + r["concepts"] * n * cfg.dim
     if r["packaged"] is not None:

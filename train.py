@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import sys
 import time
@@ -281,13 +282,12 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
             with run.autocast():
                 loss, parts, trace, image_of_pair = wrapped(**batch)
             if not torch.isfinite(loss):
-                bar.close()
-                kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written yet"
-                run.fail(f"the loss became {loss.item()} at step {step} of stage {name}; {kept}. "
-                         "Lower the learning rate (--lr, --prune-lr) and start again", code=3)
+                diverged(run, bar, f"the loss became {loss.item()}", step, name, path)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not torch.isfinite(norm):   # a finite loss can still overflow its gradient: no update from it
+            diverged(run, bar, f"the gradient norm became {norm.item()}", step, name, path)
         opt.step()
         step += 1
         if counter is not None:   # the first step, counted (and slowed) by the FLOP counter: not timed
@@ -320,8 +320,16 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
         run.sync()
         rate = (step - timed_from[0]) / (time.perf_counter() - timed_from[1])
         run.log(f"{name}: {rate:.2f} steps/s, {utilisation(run, step_flops * rate)} (wall clock, "
-                "checkpoints included)")
+                f"checkpoints included); peak RSS so far {peak_rss():.2f} GB")
     save(done=True)
+
+
+def diverged(run, bar, what, step, name, path):
+    """Stop before an update from a non-finite loss or gradient, keeping the last good checkpoint."""
+    bar.close()
+    kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written yet"
+    run.fail(f"{what} at step {step} of stage {name}; {kept}. Lower the learning rate (--lr, --prune-lr) "
+             "and start again", code=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,9 +594,10 @@ def evaluate(cfg, run, model, madtp, split, tokenizer, draw_to=None):
     return metrics
 
 
-def bench_batches(cfg, split, tokenizer, batch_size):
-    """The pairs every model is timed on: test pairs in order, each batch padded to its longest caption."""
-    n = cfg.bench_pairs if batch_size == 1 else max(cfg.bench_pairs, 4 * batch_size)
+def bench_batches(cfg, split, tokenizer, batch_size, n=None):
+    """The n pairs every model is timed on (by default bench_pairs at batch 1, at least 4 batches
+    else): test pairs in order, each batch padded to its longest caption."""
+    n = n or (cfg.bench_pairs if batch_size == 1 else max(cfg.bench_pairs, 4 * batch_size))
     c_of = [c % len(split.captions) for c in range(n)]
     images = torch.stack([split.image(split.txt2img[c]) for c in c_of])
     ids, valid = tokenizer.encode([split.captions[c] for c in c_of])
@@ -775,20 +784,21 @@ def check(args, cfg: TrainConfig, vcfg: VLTConfig, mcfg: MADTPConfig, methods=No
          f"--scene-objects is 1 to {data.GRID ** 2} (one object per cell of the grid), got {cfg.scene_objects}"),
         (synthetic and vcfg.max_text_len < words, f"captions of up to {cfg.scene_objects} objects run to "
          f"{words - 1} words: --max-text-len must be at least {words} (--preset varied sets it)"),
-        (cfg.schedule == "searched" and mcfg.budget == "global",
-         "--schedule searched shares the cut by layer: the global budget ignores it (use --budget layer)"),
+        (cfg.schedule == "searched" and (mcfg.budget == "global" or mcfg.method == "madtp-official"),
+         "--schedule searched shares the cut by layer: the global budget and madtp-official ignore it"),
     ]
     counts = {METHODS[m][1] for m in methods or [mcfg.method]}
     scores = {METHODS[m][0] for m in methods or [mcfg.method]}
     theta = "the methods with per-sample counts (" + ", ".join(m for m in METHODS if METHODS[m][1] == "theta") + ")"
+    uses_theta = f"the methods whose counts come from θ ({', '.join(m for m in METHODS if METHODS[m][1] != 'share')})"
     used = {**dict.fromkeys(["scene_objects", "num_train", "num_val", "num_test", "captions_per_image"],
                             (synthetic, "--data synthetic")),
             **dict.fromkeys(["coco_root", "coco_ann", "coco_num_images", "coco_val_fraction", "coco_test_fraction"],
                             (not synthetic, "--data coco")),
-            "tau": ("theta" in counts, theta), "budget": ("theta" in counts, theta),
+            "tau": (counts != {"share"}, uses_theta), "budget": ("theta" in counts, theta),
             "count_range": ("theta" in counts and mcfg.budget == "layer", theta + " under --budget layer"),
-            **dict.fromkeys([f"dynamic_{e}" for e in ENCODERS], ("theta" in counts, theta)),
-            "alpha": ("S" in scores, "the methods that train MAG's concepts (madtp, madtp-static)"),
+            **dict.fromkeys([f"dynamic_{e}" for e in ENCODERS], (counts != {"share"}, uses_theta)),
+            "alpha": ("S" in scores, "the methods that train MAG's concepts (madtp, madtp-static, madtp-official)"),
             "num_align_tokens": (scores != {"S_cls"} or "theta" in counts, "every method but cls-static")}
     checks += [(getattr(args, k, None) is not None and not on,
                 f"--{k.replace('_', '-')} does nothing in this run; it is for {who}") for k, (on, who) in used.items()]
@@ -866,6 +876,11 @@ class Run:
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+
+def peak_rss():
+    """The process's peak resident memory in GB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def pick_device(flag, local_rank=0):

@@ -6,11 +6,14 @@ github.com/double125/MADTP, built on BLIP). It is ALBEF/BLIP-shaped: a vision en
 encoder (dual encoder, for ITC retrieval) followed by a fusion encoder whose text tokens
 cross-attend to the image tokens (for ITM re-ranking).
 
-Every block calls an optional `prune` hook after its self-attention residual add, before
+Every block calls an optional prune hook (PruneHook) after its self-attention residual add, before
 cross-attention and the MLP: that is where the official code prunes, and where madtp.py plugs in.
-Attention is written out (no fused SDPA) because the pruner reads the softmax weights, and because
-torch.utils.flop_counter counts 0 for fused SDPA on some CPU builds; the dense model uses the same
-code so that dense and pruned timings compare like with like.
+Attention runs PyTorch's fused kernel (scaled_dot_product_attention) wherever nobody reads its
+weights: the dense model, cross-attention, and every layer that does not prune. A pruned layer says
+what of the weights A its score reads (PruneHook.reads): the CLS row (S_cls), computed beside the
+fused output by one more row of QKᵀ, or also the strongest head's weight per (query, key) pair
+(S_self), for which A is written out, a few samples at a time so that the (B, H, N, N) matrix is
+never whole (docs/speed.md).
 
 The residual stream is packed: it holds only the R real tokens of a batch, (R, D), never padding
 (FlashAttention's "unpad" layout). Per-sample pruning leaves every sample with its own count, so a
@@ -31,11 +34,40 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's concept features (madtp.py); keep the name free
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-# prune(layer, x_in, x, seq, A) -> (x, seq): x_in is the block's input, x the tokens after the
-# self-attention residual add, both packed (R, D), seq their Seq, A (B, H, N, N) the attention
-# weights. Returns the (shorter) packed sequence and its Seq.
-PruneHook = Callable[[int, torch.Tensor, torch.Tensor, "Seq", torch.Tensor], tuple]
+# what a pruned layer's score reads of its attention weights A (PruneHook.reads)
+READS_NOTHING, READS_CLS, READS_ALL = "nothing", "cls", "all"
+# on the CPU, pruned layers write out A for this many bytes of weights at a time: a chunk stays in
+# cache and below glibc's mmap threshold, where the whole (B, H, N, N) matrix at 257 tokens is
+# 100 MB, paged in afresh at every call and 2.5 times slower (docs/speed.md); a GPU takes it whole
+ATTENTION_CHUNK_BYTES = 8 * 2 ** 20
+
+
+# torch.utils.flop_counter knows the GPU's fused attention kernels but not the CPU's, where it would
+# count 0: torch's own formulas, registered for the CPU kernel, so that FlopCounterMode counts every run
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+if _cpu_flash is not None and _cpu_flash not in flop_registry:
+    register_flop_formula(_cpu_flash)(lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v))
+    register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(
+        lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v))
+
+
+@dataclass
+class Weights:
+    """What a pruner reads of a layer's attention weights A (B, H, N, Nc), never held whole."""
+    cls: torch.Tensor                        # (B, H, Nc) A[:, :, 0]: how CLS attends, per head
+    head_max: Optional[torch.Tensor] = None  # (B, N, Nc) A.amax(dim=1): the strongest head's weight
+
+
+@dataclass
+class PruneHook:
+    """The seam between the model and a pruner. After a block's self-attention residual add,
+    prune(layer, x_in, x, seq, A) -> (x, seq): x_in is the block's input, x the tokens after the
+    add, both packed (R, D), seq their Seq, A the layer's Weights, or None when reads(layer) is
+    READS_NOTHING (the fused kernel ran). Returns the (shorter) packed sequence and its Seq."""
+    prune: Callable
+    reads: Callable[[int], str] = lambda layer: READS_NOTHING
 
 
 @dataclass
@@ -63,14 +95,17 @@ class Seq:
     """Where the real tokens of a padded batch sit. valid (B, N): False for padding. flat (R,): the
     index of each real token in the flattened (B * N) grid, in order. flat None: the packed tensor
     keeps every slot (packing is a reshape), because there is no padding, or because computing on it
-    is cheaper than a host sync (the image tokens that fusion attends to); valid still masks it."""
+    is cheaper than a host sync (the image tokens that fusion attends to); valid still masks it.
+    padded: whether valid may hold padding, known on the host (attention skips the mask if not)."""
     valid: torch.Tensor
     flat: Optional[torch.Tensor] = None
+    padded: bool = True
 
 
 def seq_of(valid):
     """The Seq of a padded batch. Reads R on the host: the one sync of an encoder's input."""
-    return Seq(valid, real_slots(valid, int(valid.sum())))
+    R = int(valid.sum())
+    return Seq(valid, real_slots(valid, R), padded=R < valid.numel())
 
 
 def real_slots(valid, R):
@@ -95,14 +130,39 @@ def unpack(x, seq):
     return x.view(B, N, *x.shape[1:])
 
 
-def padding_bias(valid, heads):
-    """0 for real keys, -inf for padding: added to the attention logits. valid (B, N) -> (B * H, 1, N)"""
-    bias = torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, float("-inf"))
-    return bias.repeat_interleave(heads, dim=0)[:, None, :]
+def padding_bias(valid, dtype):
+    """0 for real keys, -inf for padding: added to the attention logits. valid (B, Nc) -> (B, 1, 1, Nc)"""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))[:, None, None]
+
+
+def chunk_of(q, Nc):
+    """How many samples' weights (H, N, Nc) one chunk of a written-out attention holds."""
+    if q.device.type != "cpu":
+        return len(q)
+    return max(1, ATTENTION_CHUNK_BYTES // (q[0].numel() // q.shape[-1] * Nc * q.element_size()))
+
+
+def written_out(q, k, v, bias):
+    """softmax(q kᵀ / √d + bias) v, and the Weights a pruner reads, a chunk of samples at a time.
+    q (B, H, N, d), k and v (B, H, Nc, d), bias (B, 1, 1, Nc) or None."""
+    out, cls, head_max, c = [], [], [], chunk_of(q, k.shape[2])
+    for i in range(0, len(q), c):
+        logits = q[i:i + c] @ k[i:i + c].transpose(-1, -2) * q.shape[-1] ** -0.5          # (c, H, N, Nc)
+        A = (logits if bias is None else logits + bias[i:i + c]).softmax(dim=-1)
+        out.append(A.to(v.dtype) @ v[i:i + c])                                         # (c, H, N, d)
+        cls.append(A[:, :, 0])                                                         # (c, H, Nc)
+        head_max.append(A.amax(dim=1))                                                 # (c, N, Nc)
+    return torch.cat(out), Weights(torch.cat(cls), torch.cat(head_max))
+
+
+def cls_row(q, k, bias):
+    """The CLS row of the attention weights alone, beside a fused output: (B, H, Nc)."""
+    logits = q[:, :, :1] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5                   # (B, H, 1, Nc)
+    return (logits if bias is None else logits + bias).softmax(dim=-1)[:, :, 0]
 
 
 class Attention(nn.Module):
-    """Multi-head attention that returns its weights. Self-attention when ctx is x."""
+    """Multi-head attention; with reads, also what a pruner reads of its weights. Self-attention when ctx is x."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -111,17 +171,20 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, seq, ctx, ctx_seq):
-        """x (R, D) and ctx (Rc, D) packed, with their Seqs -> (R, D) and A (B, H, N, Nc)."""
+    def forward(self, x, seq, ctx, ctx_seq, reads=READS_NOTHING):
+        """x (R, D) and ctx (Rc, D) packed, with their Seqs -> (R, D) and Weights (None if reads nothing)."""
         (B, N), Nc, H, D = seq.valid.shape, ctx_seq.valid.shape[1], self.heads, x.shape[-1]
         q = unpack(self.q(x), seq).view(B, N, H, D // H).transpose(1, 2)                  # (B, H, N, D/H)
         k, v = unpack(self.kv(ctx), ctx_seq).view(B, Nc, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nc, D/H)
-        # scale, QKᵀ and the padding mask in one batched product: (B * H, N, Nc)
-        logits = torch.baddbmm(padding_bias(ctx_seq.valid, H).to(q.dtype), q.reshape(B * H, N, D // H),
-                               k.reshape(B * H, Nc, D // H).transpose(1, 2), alpha=1 / math.sqrt(D // H))
-        A = logits.softmax(dim=-1).view(B, H, N, Nc)
-        out = (A.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, D)                      # (B, N, D)
-        return self.proj(pack(out, seq)), A
+        bias = padding_bias(ctx_seq.valid, q.dtype) if ctx_seq.padded else None         # (B, 1, 1, Nc)
+        A = None
+        if reads == READS_ALL:
+            out, A = written_out(q, k, v, bias)
+        else:
+            out = F_.scaled_dot_product_attention(q, k, v, attn_mask=bias)                 # (B, H, N, D/H)
+            if reads == READS_CLS:
+                A = Weights(cls_row(q, k, bias))
+        return self.proj(pack(out.transpose(1, 2).reshape(B, N, D), seq)), A
 
 
 class Block(nn.Module):
@@ -140,10 +203,10 @@ class Block(nn.Module):
         """x (R, D) packed, seq its Seq; image (B * Ni, D) for a fusion block."""
         x_in = x
         h = self.ln1(x)
-        h, A = self.attn(h, seq, h, seq)
+        h, A = self.attn(h, seq, h, seq, prune.reads(layer) if prune is not None else READS_NOTHING)
         x = x + h
         if prune is not None:  # where the official code prunes: after self-attention, before cross-attn and MLP
-            x, seq = prune(layer, x_in, x, seq, A)
+            x, seq = prune.prune(layer, x_in, x, seq, A)
         if self.cross is not None:
             x = x + self.cross(self.ln_cross(x), seq, image, image_seq)[0]
         x = x + self.mlp(self.ln2(x))
@@ -214,7 +277,7 @@ class VLT(nn.Module):
         self._check_images(images)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)                # (B, P, D)
         x = torch.cat([self.vision_cls.expand(len(x), -1, -1), x], dim=1) + self.vision_pos
-        seq = Seq(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))  # no padding: nothing to read
+        seq = Seq(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), padded=False)  # nothing to read
         x = pack(x, seq)                                                        # (B * N, D)
         for layer, block in enumerate(self.vision):
             x, seq = block(x, seq, layer, prune)

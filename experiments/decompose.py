@@ -21,6 +21,7 @@ import torch
 import train
 from experiments.common import evaluation_parser, restore
 from madtp import ENCODERS, MADTP
+from vlt import PruneHook
 
 
 class Variant(MADTP):
@@ -46,8 +47,8 @@ class Variant(MADTP):
             if encoder == "vision" and layer == 0:
                 self.rows = torch.arange(self.seen, self.seen + len(seq.valid))
                 self.seen += len(seq.valid)
-            return inner(layer, x_in, x, seq, A)
-        return prune
+            return inner.prune(layer, x_in, x, seq, A)
+        return PruneHook(prune, inner.reads)
 
     def top_k(self, encoder, layer, S, v, k):
         if encoder != "vision" or not (self.truth or self.proportional):

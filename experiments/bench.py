@@ -1,0 +1,156 @@
+"""Speed apart from training: the dense VLT against pruned ones, random weights, over a grid of sizes.
+
+    python -m experiments.bench                  # CPU: batch 1 and 64
+    python -m experiments.bench --device cuda    # GPU: batch 1 and 256
+
+For each size (width, vision tokens, depths: from the tiny preset to the gpu preset) a VLT with
+random weights, and for each method a MADTP at a 50% and an 80% GFLOPs reduction, β calibrated on the
+benchmark's own synthetic scenes as training calibrates it (train.calibrate). The models of one size
+take turns round after round in one process, each keeping its best round. The dense model runs the
+fused attention kernel in every layer, as a user's would. Prints one table (pairs/s, speedup over
+dense, the ideal speedup dense GFLOPs / GFLOPs, the share of ideal, and how many more aten calls a
+pruned layer makes than a dense one), where each method breaks even, and the process's peak RSS;
+writes bench-<device>.md and .json in --out.
+"""
+
+import time
+from dataclasses import fields, replace
+
+import torch
+
+import data
+import train
+from madtp import ENCODERS, MADTP, MADTPConfig, Trace
+from vlt import VLT, VLTConfig
+
+# name -> VLTConfig fields: the presets' models, and two that change only the tokens or only the width
+SIZES = {
+    "tiny": {k: v for k, v in train.PRESETS["tiny"].items() if k in {f.name for f in fields(VLTConfig)}},
+    "default": {},
+    "default-257": dict(image_size=128),          # the default model on 257 vision tokens
+    "gpu-65": dict(dim=384, heads=6, vision_layers=8, text_layers=4, fusion_layers=4),   # the gpu model on 65
+    "gpu": {k: v for k, v in train.PRESETS["gpu"].items() if k in {f.name for f in fields(VLTConfig)}},
+}
+METHODS = ("madtp", "cls-static")
+RATIOS = (0.5, 0.8)
+IMAGES = 64          # synthetic scenes per size: calibration and timing inputs, two captions each
+ROUNDS = 5           # timed rounds; each model keeps its best (the least disturbed)
+PAIRS_AT_1 = 32      # pairs timed one at a time per round
+
+
+def models_of(size, cfg, run, split, tokenizer):
+    """{name: (model, madtp or None, GFLOPs per pair, reduction)} for one size, β calibrated per target."""
+    vcfg = VLTConfig(**dict(SIZES[size], vocab_size=len(tokenizer)))
+    torch.manual_seed(0)
+    model = VLT(vcfg).to(run.device).eval()
+    dense = train.Encoder(cfg, run, model, None, tokenizer).pair_stats(split)
+    out = {"dense": (model, None, dense["gflops"], 0.0)}
+    for method in METHODS:
+        for p in RATIOS:
+            madtp = MADTP(MADTPConfig(method=method, num_align_tokens=train.PRESETS["gpu"]["num_align_tokens"]
+                                      if vcfg.dim >= 384 else 32), vcfg).to(run.device)
+            madtp.beta.fill_(train.BETA_INIT)
+            beta, reduction = train.calibrate(replace(cfg, prune_ratio=p), run, model, madtp, split, tokenizer)
+            madtp.beta.fill_(beta)
+            g = train.Encoder(cfg, run, model, madtp, tokenizer).pair_stats(split)["gflops"]
+            out[f"{method} {p:.0%}"] = (model, madtp.eval(), g, reduction)
+    return out
+
+
+@torch.no_grad()
+def timings(run, models, batches):
+    """Best seconds per pass over batches for each model, the models taking turns."""
+    best = {}
+    for model, madtp, *_ in models.values():
+        train.pair_forward(run, model, madtp, batches[0])   # warm-up
+    for _ in range(ROUNDS):
+        for name, (model, madtp, *_) in models.items():
+            run.sync()
+            start = time.perf_counter()
+            for b in batches:
+                train.pair_forward(run, model, madtp, b)
+            run.sync()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return best
+
+
+@torch.no_grad()
+def aten_calls(run, model, madtp, batch):
+    """aten calls (nested included) of one forward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train.pair_forward(run, model, madtp, batch)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def bench(cfg, run, sizes, large):
+    rows = []
+    for size in sizes:
+        vcfg = VLTConfig(**SIZES[size])
+        splits = data.synthetic_splits(2, IMAGES, 2, 2, vcfg.image_size, vcfg.patch_size, seed=0)
+        split = splits["val"]
+        tokenizer = data.Tokenizer.build(split.captions, vcfg.max_text_len)
+        run.log(f"{size}: calibrating {len(METHODS) * len(RATIOS)} models")
+        models = models_of(size, cfg, run, split, tokenizer)
+        calls = {name: aten_calls(run, m, md, train.bench_batches(cfg, split, tokenizer, 1, 1)[0])
+                 for name, (m, md, *_) in models.items()}
+        for bs in (1, large):
+            batches = train.bench_batches(cfg, split, tokenizer, bs, PAIRS_AT_1 if bs == 1 else bs)
+            pairs = sum(len(b[0]) for b in batches)
+            run.log(f"{size}: timing at batch {bs}")
+            best = timings(run, models, batches)
+            for name, (model, madtp, g, reduction) in models.items():
+                layers = sum(madtp.prunes(e, l) for e in ENCODERS for l in range(madtp.depths[e])) if madtp else 0
+                speedup = best["dense"] / best[name]
+                ideal = models["dense"][2] / g
+                rows.append(dict(size=size, tokens=1 + vcfg.num_patches, dim=vcfg.dim,
+                                 depths=f"{vcfg.vision_layers}+{vcfg.text_layers}+{vcfg.fusion_layers}",
+                                 model=name, batch=bs, reduction=reduction, pairs_per_s=pairs / best[name],
+                                 speedup=speedup, ideal=ideal, of_ideal=speedup / ideal,
+                                 calls_per_pruned_layer=(calls[name] - calls["dense"]) / layers if layers else None))
+    return rows
+
+
+def table(rows, device):
+    head = ("| size | vision tokens | width | layers | model | reduction | batch | pairs/s | speedup | ideal | "
+            "of ideal | more aten calls per pruned layer |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        calls = "" if r["calls_per_pruned_layer"] is None else f"{r['calls_per_pruned_layer']:.0f}"
+        lines.append(f"| {r['size']} | {r['tokens']} | {r['dim']} | {r['depths']} | {r['model']} | "
+                     f"{r['reduction']:.1%} | {r['batch']} | {r['pairs_per_s']:.1f} | {r['speedup']:.2f} | "
+                     f"{r['ideal']:.2f} | {r['of_ideal']:.2f} | {calls} |")
+    lines += ["", f"Device: {device}. Where each method breaks even (speedup >= 1 over the fused dense model):"]
+    for model in dict.fromkeys(r["model"] for r in rows if r["model"] != "dense"):
+        for bs in dict.fromkeys(r["batch"] for r in rows):
+            wins = [r["size"] for r in rows if r["model"] == model and r["batch"] == bs and r["speedup"] >= 1]
+            lines.append(f"- {model}, batch {bs}: " + (", ".join(wins) if wins else "at no size of the grid"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = train.Parser(description=__doc__.split("\n\n")[0], prog="python -m experiments.bench")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
+    p.add_argument("--batch-size", type=int, help="the large batch (default 64 on a CPU, 256 on a GPU)")
+    p.add_argument("--out", default="runs/bench")
+    args = p.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if not sizes or set(sizes) - set(SIZES):
+        train.fail(f"--sizes takes names of {', '.join(SIZES)}, got {args.sizes!r}")
+    cfg = train.TrainConfig(device=args.device, out=args.out)
+    with train.Run(cfg) as run:
+        large = args.batch_size or (256 if run.device.type == "cuda" else 64)
+        cfg = replace(cfg, eval_batch_size=large)
+        rows = bench(cfg, run, sizes, large)
+        where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else \
+            f"CPU, {torch.get_num_threads()} threads"
+        md = table(rows, where) + f"\n\nPeak RSS of the process: {train.peak_rss():.2f} GB"
+        run.log(md)
+        name = f"bench-{run.device.type}"
+        train.write_json(run.out / f"{name}.json", dict(rows=rows, device=where))
+        train.write_atomic(run.out / f"{name}.md", lambda tmp: tmp.write_text(md + "\n"))
+        run.log(f"\nwrote {run.out / (name + '.md')} and {run.out / (name + '.json')}")
+
+
+if __name__ == "__main__":
+    main()
