@@ -689,8 +689,8 @@ def table(rows, bs, device):
             ("pairs/s@1", "pairs_per_s_batch1", 10, ".0f"), (f"@{bs}", "pairs_per_s_batch", 8, ".0f"),
             ("speedup@1", "speedup_batch1", 10, ".2f"), (f"@{bs}", "speedup_batch", 6, ".2f"),
             ("ideal", "ideal_speedup", 7, ".2f")]
-    head = f"{'model':<16}" + "".join(f"{n:>{w}}" for n, _, w, _ in cols) + f"{'of ideal':>9}"
-    lines = [head, "-" * len(head)] + [f"{name:<16}" + "".join(f"{m[k]:>{w}{f}}" for _, k, w, f in cols)
+    head = f"{'model':<20}" + "".join(f"{n:>{w}}" for n, _, w, _ in cols) + f"{'of ideal':>9}"
+    lines = [head, "-" * len(head)] + [f"{name:<20}" + "".join(f"{m[k]:>{w}{f}}" for _, k, w, f in cols)
                                        + f"{m['speedup_batch'] / m['ideal_speedup']:>9.2f}" for name, m in rows.items()]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     mfu = "; ".join(f"{name} {m['tflops_batch']:.1f} TFLOP/s, MFU {m['mfu_batch']:.1%}"
@@ -701,7 +701,7 @@ def table(rows, bs, device):
               f"rounds after {WARMUP_RUNS} warm-up batches; of ideal = speedup@{bs} / ideal"
               + (f"\nat batch {bs}: {mfu}" if mfu else ""),
               "\ntokens kept after each layer, mean ± std over test samples (CLS and package token included)"]
-    lines += [f"  {name:<16}{e:<8}" + "  ".join(f"{mu:5.1f}±{sd:<4.1f}" for mu, sd in per_layer)
+    lines += [f"  {name:<20}{e:<8}" + "  ".join(f"{mu:5.1f}±{sd:<4.1f}" for mu, sd in per_layer)
               for name, m in rows.items() for e, per_layer in m["kept_tokens"].items()]
     for name, m in ((n, m) for n, m in rows.items() if "object_share" in m):
         o, c, row = m["object_recall"], m["content_recall"], lambda xs, f: " ".join(f"{x:5{f}}" for x in xs)
