@@ -437,7 +437,7 @@ class MADTP(nn.Module):
         x, seq_out, idx = prune_tokens(x, seq, keep, S)
         M = self.cfg.num_align_tokens
         trace.record(encoder, seq.valid, seq_out.valid, idx, (v & ~keep).any(dim=1), M if a is not None else 0,
-                     M if theta_counts else 0, features, cls_row=self.reads(encoder, layer) == READS_CLS)
+                     M if theta_counts else 0, features, cls_row=A.head_max is None)
         return x, seq_out
 
     def importance(self, encoder, layer, A, P, v):

@@ -281,13 +281,15 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
         with FlopCounterMode(display=False) if step_flops is None else contextlib.nullcontext() as counter:
             with run.autocast():
                 loss, parts, trace, image_of_pair = wrapped(**batch)
-            if not torch.isfinite(loss):
-                diverged(run, bar, f"the loss became {loss.item()}", step, name, path)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not torch.isfinite(norm):   # a finite loss can still overflow its gradient: no update from it
-            diverged(run, bar, f"the gradient norm became {norm.item()}", step, name, path)
+        # a finite loss can still overflow its gradient: no update from either; one read of the device
+        loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
+        if not math.isfinite(loss_value + norm_value):
+            what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else \
+                f"the gradient norm became {norm_value}"
+            diverged(run, bar, what, step, name, path)
         opt.step()
         step += 1
         if counter is not None:   # the first step, counted (and slowed) by the FLOP counter: not timed
@@ -611,24 +613,33 @@ def pair_forward(run, model, madtp, batch):
 
 
 @torch.no_grad()
+def best_times(run, models, batches, rounds=TIMING_REPEATS, warmup=WARMUP_RUNS):
+    """{name: seconds} of a pass over batches for each of models {name: (model, madtp)}: the models take
+    turns round after round and each keeps its best round (on a shared machine, the least disturbed;
+    turns make every ratio compare like with like), warm-up discarded, the device synchronised."""
+    best = {}
+    for model, madtp in models.values():
+        for b in batches[:warmup]:
+            pair_forward(run, model.eval(), madtp, b)
+    for _, (name, (model, madtp)) in ((r, m) for r in range(rounds) for m in models.items()):
+        run.sync()
+        start = time.perf_counter()
+        for b in batches:
+            pair_forward(run, model, madtp, b)
+        run.sync()
+        best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
+    return best
+
+
+@torch.no_grad()
 def add_speed(cfg, run, rows, models, split, tokenizer):
     """Pairs/s of whole pairs (image, caption, fusion) at batch 1 and at bench_batch_size, the models
-    {name: (model, madtp)} taking turns round after round and each keeping its best round (on a
-    shared machine, the least disturbed; turns make every ratio compare like with like), warm-up
-    discarded, the device synchronised; speedups over rows["dense"], the ideal one (dense GFLOPs /
-    GFLOPs), what padded batches executed per pair (torch.utils.flop_counter / 2), TFLOP/s, MFU."""
+    {name: (model, madtp)} timed in turns (best_times); speedups over rows["dense"], the ideal one
+    (dense GFLOPs / GFLOPs), what padded batches executed per pair (torch.utils.flop_counter / 2),
+    TFLOP/s, MFU."""
     for key, bs in (("pairs_per_s_batch1", 1), ("pairs_per_s_batch", cfg.bench_batch_size)):
-        batches, best = bench_batches(cfg, split, tokenizer, bs), {}
-        for model, madtp in models.values():
-            for b in batches[:WARMUP_RUNS]:
-                pair_forward(run, model.eval(), madtp, b)
-        for _, (name, (model, madtp)) in ((r, m) for r in range(TIMING_REPEATS) for m in models.items()):
-            run.sync()
-            start = time.perf_counter()
-            for b in batches:
-                pair_forward(run, model, madtp, b)
-            run.sync()
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
+        batches = bench_batches(cfg, split, tokenizer, bs)
+        best = best_times(run, models, batches)
         for name in models:
             rows[name][key] = sum(len(b[0]) for b in batches) / best[name]
     for name, (model, madtp) in models.items():

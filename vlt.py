@@ -137,9 +137,8 @@ def padding_bias(valid, dtype):
 
 def chunk_of(q, Nc):
     """How many samples' weights (H, N, Nc) one chunk of a written-out attention holds."""
-    if q.device.type != "cpu":
-        return len(q)
-    return max(1, ATTENTION_CHUNK_BYTES // (q[0].numel() // q.shape[-1] * Nc * q.element_size()))
+    B, H, N, _ = q.shape
+    return B if q.device.type != "cpu" else max(1, ATTENTION_CHUNK_BYTES // (H * N * Nc * q.element_size()))
 
 
 def written_out(q, k, v, bias):

@@ -13,14 +13,13 @@ pruned layer makes than a dense one), where each method breaks even, and the pro
 writes bench-<device>.md and .json in --out.
 """
 
-import time
 from dataclasses import fields, replace
 
 import torch
 
 import data
 import train
-from madtp import ENCODERS, MADTP, MADTPConfig, Trace
+from madtp import ENCODERS, MADTP, MADTPConfig
 from vlt import VLT, VLTConfig
 
 # name -> VLTConfig fields: the presets' models, and two that change only the tokens or only the width
@@ -39,39 +38,22 @@ PAIRS_AT_1 = 32      # pairs timed one at a time per round
 
 
 def models_of(size, cfg, run, split, tokenizer):
-    """{name: (model, madtp or None, GFLOPs per pair, reduction)} for one size, β calibrated per target."""
+    """({name: (model, madtp or None)}, {name: GFLOPs reduction}) for one size, β calibrated per target;
+    M as in the preset the size comes from."""
     vcfg = VLTConfig(**dict(SIZES[size], vocab_size=len(tokenizer)))
+    M = train.PRESETS["gpu"]["num_align_tokens"] if size.startswith("gpu") else MADTPConfig.num_align_tokens
     torch.manual_seed(0)
     model = VLT(vcfg).to(run.device).eval()
-    dense = train.Encoder(cfg, run, model, None, tokenizer).pair_stats(split)
-    out = {"dense": (model, None, dense["gflops"], 0.0)}
+    models, reductions = {"dense": (model, None)}, {"dense": 0.0}
     for method in METHODS:
         for p in RATIOS:
-            madtp = MADTP(MADTPConfig(method=method, num_align_tokens=train.PRESETS["gpu"]["num_align_tokens"]
-                                      if vcfg.dim >= 384 else 32), vcfg).to(run.device)
+            name = f"{method} {p:.0%}"
+            madtp = MADTP(MADTPConfig(method=method, num_align_tokens=M), vcfg).to(run.device)
             madtp.beta.fill_(train.BETA_INIT)
-            beta, reduction = train.calibrate(replace(cfg, prune_ratio=p), run, model, madtp, split, tokenizer)
+            beta, reductions[name] = train.calibrate(replace(cfg, prune_ratio=p), run, model, madtp, split, tokenizer)
             madtp.beta.fill_(beta)
-            g = train.Encoder(cfg, run, model, madtp, tokenizer).pair_stats(split)["gflops"]
-            out[f"{method} {p:.0%}"] = (model, madtp.eval(), g, reduction)
-    return out
-
-
-@torch.no_grad()
-def timings(run, models, batches):
-    """Best seconds per pass over batches for each model, the models taking turns."""
-    best = {}
-    for model, madtp, *_ in models.values():
-        train.pair_forward(run, model, madtp, batches[0])   # warm-up
-    for _ in range(ROUNDS):
-        for name, (model, madtp, *_) in models.items():
-            run.sync()
-            start = time.perf_counter()
-            for b in batches:
-                train.pair_forward(run, model, madtp, b)
-            run.sync()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
-    return best
+            models[name] = model, madtp.eval()
+    return models, reductions
 
 
 @torch.no_grad()
@@ -90,23 +72,24 @@ def bench(cfg, run, sizes, large):
         split = splits["val"]
         tokenizer = data.Tokenizer.build(split.captions, vcfg.max_text_len)
         run.log(f"{size}: calibrating {len(METHODS) * len(RATIOS)} models")
-        models = models_of(size, cfg, run, split, tokenizer)
-        calls = {name: aten_calls(run, m, md, train.bench_batches(cfg, split, tokenizer, 1, 1)[0])
-                 for name, (m, md, *_) in models.items()}
+        models, reductions = models_of(size, cfg, run, split, tokenizer)
+        one = train.bench_batches(cfg, split, tokenizer, 1, 1)[0]
+        calls = {name: aten_calls(run, model, madtp, one) for name, (model, madtp) in models.items()}
+        layers = {name: sum(madtp.prunes(e, l) for e in ENCODERS for l in range(madtp.depths[e]))
+                  for name, (_, madtp) in models.items() if madtp is not None}
         for bs in (1, large):
             batches = train.bench_batches(cfg, split, tokenizer, bs, PAIRS_AT_1 if bs == 1 else bs)
             pairs = sum(len(b[0]) for b in batches)
             run.log(f"{size}: timing at batch {bs}")
-            best = timings(run, models, batches)
-            for name, (model, madtp, g, reduction) in models.items():
-                layers = sum(madtp.prunes(e, l) for e in ENCODERS for l in range(madtp.depths[e])) if madtp else 0
-                speedup = best["dense"] / best[name]
-                ideal = models["dense"][2] / g
+            best = train.best_times(run, models, batches, rounds=ROUNDS, warmup=1)
+            for name, reduction in reductions.items():
+                speedup, ideal = best["dense"] / best[name], 1 / (1 - reduction)   # dense GFLOPs / GFLOPs
                 rows.append(dict(size=size, tokens=1 + vcfg.num_patches, dim=vcfg.dim,
                                  depths=f"{vcfg.vision_layers}+{vcfg.text_layers}+{vcfg.fusion_layers}",
                                  model=name, batch=bs, reduction=reduction, pairs_per_s=pairs / best[name],
                                  speedup=speedup, ideal=ideal, of_ideal=speedup / ideal,
-                                 calls_per_pruned_layer=(calls[name] - calls["dense"]) / layers if layers else None))
+                                 calls_per_pruned_layer=(calls[name] - calls["dense"]) / layers[name]
+                                 if name in layers else None))
     return rows
 
 
