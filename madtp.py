@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
-from vlt import READS_ALL, READS_CLS, READS_NOTHING, PruneHook, Seq, VLTConfig, Weights, pack, real_slots, unpack
+from vlt import (READS_ALL, READS_CLS, READS_NOTHING, PruneHook, Seq, VLTConfig, Weights, check_fields, pack,
+                 real_slots, unpack)
 
 # Every method is a score (which tokens rank first) and a count rule (how many each sample keeps):
 # "theta": the tokens above the layer's bar relative to the sample's own θ (per-sample counts);
@@ -87,6 +88,9 @@ class MADTPConfig:
             raise ValueError(f"unknown budget rule {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         if self.first_layer < 0:
             raise ValueError(f"first_layer counts layers from 0, got {self.first_layer}")
+        check_fields(self, dict(num_align_tokens=(1, "")), positive=("tau",))
+        if self.alpha < 0:
+            raise ValueError(f"--alpha weighs L_align and cannot be negative, got {self.alpha}")
         if self.count_range and self.count_range < 1:
             raise ValueError(f"count_range is R >= 1 (counts within [1/R, R] x the fixed count) or 0, "
                              f"got {self.count_range}")

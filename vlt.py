@@ -28,7 +28,7 @@ Shapes: B batch, N tokens (index 0 is CLS), R real tokens of a batch, D width, H
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -76,18 +76,46 @@ class VLTConfig:
     patch_size: int = 8       # 8x8 patches: an 8x8 grid, 64 vision tokens plus CLS
     vocab_size: int = 512     # overwritten by the tokenizer's vocabulary size
     max_text_len: int = 40    # [CLS] + up to 39 words: the longest synthetic caption has 37
-    dim: int = 128            # D, shared by all encoders so MAG's map q can be the identity
-    heads: int = 4            # H; head width D / H = 32
+    dim: int = 64             # D, shared by all encoders so MAG's map q can be the identity
+    heads: int = 4            # H; head width D / H = 16
     mlp_ratio: int = 4        # MLP hidden width = mlp_ratio * D, as in ViT and BERT
-    vision_layers: int = 4    # L_v
+    vision_layers: int = 12   # L_v: ViT-B's depth, so that a cut can be spread over many layers
     text_layers: int = 2      # L_t
     fusion_layers: int = 2    # L_f
     embed_dim: int = 64       # width of the shared ITC embedding
     init_temp: float = 0.07   # initial ITC temperature (CLIP/ALBEF)
 
+    def __post_init__(self):   # every field is a flag of train.py: the messages name them so
+        check_fields(self, dict(max_text_len=(2, ": [CLS] and one word"), **dict.fromkeys(
+            ["image_size", "patch_size", "dim", "heads", "mlp_ratio", "vision_layers", "text_layers",
+             "fusion_layers", "embed_dim"], (1, ""))), positive=("init_temp",))
+        if self.image_size % self.patch_size:
+            raise ValueError("--image-size must be a multiple of --patch-size")
+        if self.dim % self.heads:
+            raise ValueError("--dim must be a multiple of --heads")
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+def flag(name):
+    return name.replace("_", "-")
+
+
+def check_fields(cfg, at_least=(), positive=()):
+    """The bounds a config's __post_init__ states: every float finite, counts at least their least
+    value ({field: (least, why)}), the `positive` fields above 0."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{flag(f.name)} must be a finite number, got {v}")
+    for name, (least, why) in dict(at_least).items():
+        if getattr(cfg, name) < least:
+            raise ValueError(f"--{flag(name)} must be at least {least}{why}, got {getattr(cfg, name)}")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{flag(name)} must be > 0, got {getattr(cfg, name)}")
 
 
 @dataclass

@@ -26,7 +26,8 @@ from vlt import VLT, VLTConfig
 SIZES = {
     "tiny": {k: v for k, v in train.PRESETS["tiny"].items() if k in {f.name for f in fields(VLTConfig)}},
     "default": {},
-    "default-257": dict(image_size=128),          # the default model on 257 vision tokens
+    "shallow": dict(dim=128, vision_layers=4),    # the earlier default: 4 vision layers at width 128
+    "shallow-257": dict(dim=128, vision_layers=4, image_size=128),   # it on 257 vision tokens
     "gpu-65": dict(dim=384, heads=6, vision_layers=8, text_layers=4, fusion_layers=4),   # the gpu model on 65
     "gpu": {k: v for k, v in train.PRESETS["gpu"].items() if k in {f.name for f in fields(VLTConfig)}},
 }

@@ -3,8 +3,9 @@
     python -m experiments.compare --ratios 0.5,0.8 --seeds 0,1,2 --out runs/compare
     python -m experiments.compare --ratios 0.5 --arms madtp,madtp-static,cls-dynamic,cls-static --no-timed
 
-Writes <name>.md (one row per method and target, ± the spread over seeds) and <name>.json (every
-number of every seed) in --out. One dense model is trained with --seed (or reused); each arm is
+Writes <name>.md (one row per method and target, ± the spread over seeds; "unpruned" is the
+fine-tuned network evaluated with its pruning off) and <name>.json (every number of every seed) in
+--out. One dense model is trained with --seed (or reused); each arm is
 then fine-tuned from it with the same steps, once per seed, into <out>/seed<S>/<arm>-<p>.pt, and
 evaluated on the test split. Finished checkpoints and evaluations are reused, so an interrupted
 sweep continues where it stopped, and seeds or arms can run as separate processes (each with its
@@ -44,6 +45,9 @@ def sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, name, timed=True):
             else:
                 run.log(f"evaluating {arm} at {p:.0%} (seed {seed}) on the test split")
                 m = train.evaluate(acfg, run, model, madtp, test, tokenizer)
+                # the fine-tuned weights with pruning off: how far stage 2 rebuilt the network around it
+                m["r_mean_unpruned"] = m["r_mean"] if madtp is None else \
+                    train.evaluate(acfg, run, model, None, test, tokenizer)["r_mean"]
                 train.write_json(cache, m)
             key = "dense" if p == 0 else f"{arm} {p:.2f}"
             seed_rows[key], models[key] = dict(m, seed=seed, method=arm, target=p), (model, madtp)
@@ -80,7 +84,7 @@ def summarise(rows, timed=True):
             return [v.mean().item(), v.std().item() if len(v) > 1 else 0.0]
         row = dict(method=method, target=target, seeds=len(rs))
         for key in ("gflops_reduction", "gflops", "r_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
-                    "t2i_r10", "drop") + (SPEED if timed else ()):
+                    "t2i_r10", "drop", "r_mean_unpruned") + (SPEED if timed else ()):
             row[key] = stat(lambda r: r[key])
         row["kept_per_layer"] = {e: [sum(r["kept_tokens"][e][l][0] for r in rs) / len(rs)
                                      for l in range(len(rs[0]["kept_tokens"][e]))] for e in ENCODERS}
@@ -95,7 +99,8 @@ def summarise(rows, timed=True):
 def table(summary, seeds, bs, timed=True):
     """<name>.md: one row per (method, target GFLOPs reduction); ± is the spread over seeds."""
     pm = (lambda v, f: f"{v[0]:{f}} ± {v[1]:{f}}") if len(seeds) > 1 else (lambda v, f: f"{v[0]:{f}}")
-    cols = ["method", "target", "reduction", "GFLOPs/pair", "r_mean", "drop", "i2t R@1/5/10", "t2i R@1/5/10",
+    cols = ["method", "target", "reduction", "GFLOPs/pair", "r_mean", "drop", "unpruned", "i2t R@1/5/10",
+            "t2i R@1/5/10",
             "tokens per layer: vision \\| text \\| fusion", "object recall, all / cluttered 25%", "r(objects, kept)"]
     cols += [f"executed @{bs}", f"pairs/s @1 / @{bs}", f"speedup @1 / @{bs}", "ideal",
              f"of ideal @{bs}"] if timed else []
@@ -109,7 +114,7 @@ def table(summary, seeds, bs, timed=True):
                  f"{r['speedup_batch'][0] / r['ideal_speedup'][0]:.2f}"] if timed else []
         lines.append("| " + " | ".join([
             r["method"], f"{r['target']:.0%}", pm([100 * x for x in r["gflops_reduction"]], ".1f") + "%",
-            f"{r['gflops'][0]:.4f}", pm(r["r_mean"], ".1f"), pm(r["drop"], ".1f"),
+            f"{r['gflops'][0]:.4f}", pm(r["r_mean"], ".1f"), pm(r["drop"], ".1f"), pm(r["r_mean_unpruned"], ".1f"),
             "/".join(f"{r[f'i2t_r{k}'][0]:.1f}" for k in train.RECALL_AT),
             "/".join(f"{r[f't2i_r{k}'][0]:.1f}" for k in train.RECALL_AT),
             " \\| ".join(" ".join(f"{k:.1f}" for k in r["kept_per_layer"][e]) for e in ENCODERS),
