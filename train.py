@@ -250,6 +250,9 @@ def hooks_of(madtp, trace):
     return madtp.hooks(trace) if madtp is not None else dense_hooks(trace)
 
 
+CONCATENATED = ("emb", "gflops", "kept", "length")   # the encoders' per-batch outputs joined into one tensor
+
+
 class Encoder:
     """Runs a model (dense when madtp is None) over a split a batch at a time and keeps each
     sample's own valid tokens, so that re-batching them (for fusion) cannot change any result."""
@@ -279,11 +282,12 @@ class Encoder:
             out["tokens"] += [t[v].float() for t, v in zip(x, valid)]
             out["gflops"].append(gflops(model.cfg, trace)[encoder])
             out["kept"].append(torch.stack([r["n_out"] for r in layers], 1))        # (B, L)
-            out["length"].append(batch[-1].sum(1) if encoder == "text" else torch.zeros(B))   # (B,)
+            if encoder == "text":   # the captions' lengths, for the dense GFLOPs of a pair
+                out["length"].append(batch[-1].sum(1))                              # (B,)
             if positions:   # and for text, the word each final token started as (for fusion's)
                 out["positions"] += [[r["kept"][b] for r in layers] for b in range(B)]
                 out["slots"] += [layers[-1]["kept"][b][valid[b]] for b in range(B)]
-        return dict(out, **{k: torch.cat(out[k]) for k in ("emb", "gflops", "kept", "length")})
+        return dict(out, **{k: torch.cat(v) for k, v in out.items() if k in CONCATENATED and v})
 
     def images(self, split, positions=False):
         loader = DataLoader(data.ImageDataset(split), self.bs, num_workers=self.cfg.num_workers)
