@@ -111,7 +111,13 @@ def mag_logits(x, seq, T):
     packed sequence (vlt.py): the product runs on its real tokens, then a is laid out per sample,
     -inf at padding. (B, n, M)"""
     a = unpack(q(x) @ T.t().to(x.dtype) / math.sqrt(x.shape[-1]), seq)[:, 1:]      # (B, n, M)
-    return a.float().masked_fill(~seq.valid[:, 1:, None], float("-inf"))
+    return masked(a.float(), seq.valid[:, 1:, None])
+
+
+def masked(x, keep):
+    """x where keep, -inf elsewhere. (torch.where with a tensor for -inf makes a third of the aten
+    calls of masked_fill, which runs in every pruned layer.)"""
+    return torch.where(keep, x, x.new_full((), float("-inf")))
 
 
 def concept_attention(a):
@@ -121,7 +127,7 @@ def concept_attention(a):
 
 def concept_features(P, X):
     """f_l = Pᵀ q(X): what each concept sees in this layer. (B, M, D); F sums it over layers."""
-    return P.to(X.dtype).transpose(1, 2) @ q(X)                                 # (B, M, n) @ (B, n, D)
+    return torch.bmm(P.to(X.dtype).transpose(1, 2), q(X))                       # (B, M, n) @ (B, n, D)
 
 
 def alignment_loss(F_v, F_t):
@@ -149,7 +155,7 @@ def self_score(A: Weights, v):
     look at j. A.head_max (B, N, N) is max_h A; (B, n), unnormalised; the sum over queries is one
     batched product."""
     look = A.head_max[:, 1:, 1:]                                                # (B, n_query, n_key)
-    return (v[:, None, :].to(look.dtype) @ look)[:, 0]                          # (B, 1, n) @ (B, n, n)
+    return torch.bmm(v[:, None, :].to(look.dtype), look)[:, 0]                  # (B, 1, n) @ (B, n, n)
 
 
 def mag_score(P):
@@ -168,7 +174,7 @@ def threshold(a, S, tau):
     """θ_b = min over m of Σ_j softmax_j(a[b, j, m] / τ) S[b, j]: each concept proposes the
     importance of what it attends to, and the weakest proposal is the bar. It is a convex
     combination of S, so min S <= θ <= max S. (B,)"""
-    proposals = S[:, None, :] @ (a / tau).softmax(dim=1)                         # (B, 1, n) @ (B, n, M)
+    proposals = torch.bmm(S[:, None, :], (a / tau).softmax(dim=1))               # (B, 1, n) @ (B, n, M)
     return proposals[:, 0].amin(dim=1)
 
 
@@ -203,7 +209,7 @@ def share_threshold(statistic, v, rho):
     """The bar β_ℓ above which a share ρ of the valid tokens lies, pooled over the batch: the batch
     keeps ceil(ρ C) of its C valid tokens, but each sample as many as it has above the bar. ρ = 1 keeps
     all. Computed where the tokens are, with nothing read on the host."""
-    s = statistic.masked_fill(~v, float("-inf")).flatten().sort(descending=True).values   # (B * n,) valid first
+    s = masked(statistic, v).flatten().sort(descending=True).values                 # (B * n,) valid first
     count = v.sum()
     # round: ρ = 0.4 in float32 times 80 is 32.0000005; double, as Python's float would be
     rho = torch.as_tensor(rho, dtype=torch.float64, device=count.device)
@@ -213,7 +219,7 @@ def share_threshold(statistic, v, rho):
 
 def top_k_mask(scores, v, k):
     """Keep each sample's k[b] highest-scoring valid tokens. (B, n) bool"""
-    order = scores.masked_fill(~v, float("-inf")).argsort(dim=1, descending=True)   # (B, n)
+    order = masked(scores, v).argsort(dim=1, descending=True)                       # (B, n)
     rank = order.argsort(dim=1)                                                       # (B, n)
     return (rank < k[:, None]) & v
 
@@ -256,20 +262,21 @@ def prune_tokens(x, seq, keep, S):
     fused = valid[:, 1:] & ~keep                                                   # (B, n)
     count = keep.sum(dim=1)                                                        # (B,)
     length = 1 + count + fused.any(dim=1)                                          # (B,) CLS, kept, package
-    W, R = torch.stack([length.max(), length.sum()]).tolist()                      # the layer's one host sync
-    # kept tokens first, in their original order: sort by (pruned?, position)
-    position = torch.arange(N - 1, device=x.device)
-    idx = ((~keep) * N + position).argsort(dim=1)[:, : W - 1]                      # (B, W-1)
+    lengths = length.tolist()                                                      # the layer's one host sync
+    W, R = max(lengths), sum(lengths)
+    # kept tokens first, in their original order: a stable sort on "pruned?"
+    idx = (~keep).argsort(dim=1, stable=True)[:, : W - 1]                          # (B, W-1)
     row = unpack(torch.arange(len(x), device=x.device), seq)                       # (B, N) packed row of each slot
-    src = torch.cat([row[:, :1], row[:, 1:].gather(1, idx)], dim=1)                 # (B, W) the row each slot copies
-    slot = torch.arange(W, device=x.device)[None, :]                               # (1, W)
+    slot = torch.arange(W, device=x.device)                                        # (W,)
+    # the row of [x; x_fuse] (R + B, D) each slot copies: CLS, the kept tokens, then row R + b, the package
+    src = torch.cat([row[:, :1], row[:, 1:].gather(1, idx)], dim=1)                 # (B, W)
+    package = len(x) + torch.arange(B, device=x.device)[:, None]                   # (B, 1)
+    src = torch.where(slot == (1 + count)[:, None], package, src)                  # (B, W)
     valid_out = slot < length[:, None]                                             # (B, W)
     out = Seq(valid_out, real_slots(valid_out, R), padded=R < B * W)
-    x_fuse = package_weights(S, fused).to(x.dtype)[:, None, :] @ unpack(x, seq)[:, 1:]   # (B, 1, n) @ (B, n, D)
-    is_package = pack(slot == 1 + count[:, None], out)                             # (R',)
-    sample = pack(torch.arange(B, device=x.device)[:, None].expand(B, W), out)     # (R',) sample of each row
-    x = torch.where(is_package[:, None], x_fuse[:, 0].index_select(0, sample),     # (R', D)
-                    x.index_select(0, pack(src, out)))
+    w = package_weights(S, fused).to(x.dtype)[:, None, :]                          # (B, 1, n)
+    x_fuse = torch.bmm(w, unpack(x, seq)[:, 1:])[:, 0]                             # (B, 1, n) @ (B, n, D) -> (B, D)
+    x = torch.cat([x, x_fuse]).index_select(0, pack(src, out))                     # (R', D)
     return x, out, idx
 
 

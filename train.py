@@ -17,6 +17,8 @@ benchmark and the profiler are in experiments/.
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import hashlib
 import inspect
@@ -55,6 +57,7 @@ RECALL_AT = (1, 5, 10)           # Recall@K; K candidates are needed for each
 WARMUP_RUNS = 3                  # timed forward passes thrown away before measuring pairs/s
 TIMING_REPEATS = 3               # pairs/s: the best (least disturbed) of this many passes
 CHECKPOINT_VERSION = 3           # 3: the schedule's cut weights w_ℓ
+TRIM_EVERY = 10                  # training steps between handing the heap's free pages back (docs/speed.md)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +328,7 @@ class Encoder:
         """Mean GFLOPs per true pair and the reduction from dense, as calibration needs them."""
         imgs, txts = self.images(split), self.texts(split.captions)
         fus = self.fuse(txts["tokens"], imgs["tokens"], list(enumerate(split.txt2img)))
+        release_memory()   # calibration runs this 14 times
         return pair_stats(self.model.cfg, split, imgs, txts, fus)
 
 
@@ -375,6 +379,7 @@ def evaluate(cfg, run, model, madtp, split, tokenizer, draw_to=None):
         if draw_to is not None and run.main:
             data.draw_kept(split, tokenizer.words, imgs["positions"], pos["text"], pos["fusion"],
                            model.cfg.patch_size, cfg.num_drawn, draw_to)
+    release_memory()
     return metrics
 
 
@@ -440,6 +445,8 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
         stop_if_diverged(run, bar, loss, norm, step, name, path)
         opt.step()
         step += 1
+        if step % TRIM_EVERY == 0:
+            release_memory()
         if first:   # the first step, counted (and slowed) by the FLOP counter: not timed
             step_flops = counter.get_total_flops() * run.world
             run.sync()
@@ -979,6 +986,14 @@ class Run:
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+
+def release_memory(libc=ctypes.CDLL(ctypes.util.find_library("c"))):
+    """Hand the C heap's free pages back to the OS. Batches of varying sizes leave holes in glibc's
+    heap that it keeps, so a long run's memory would grow with its steps (docs/speed.md, Memory);
+    malloc_trim(0) returns them. Not glibc (macOS, musl): nothing to do."""
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def peak_rss():

@@ -172,14 +172,21 @@ def chunk_of(q, Nc):
 def written_out(q, k, v, bias):
     """softmax(q kᵀ / √d + bias) v, and the Weights a pruner reads, a chunk of samples at a time.
     q (B, H, N, d), k and v (B, H, Nc, d), bias (B, 1, 1, Nc) or None."""
-    out, cls, head_max, c = [], [], [], chunk_of(q, k.shape[2])
-    for i in range(0, len(q), c):
-        logits = q[i:i + c] @ k[i:i + c].transpose(-1, -2) * q.shape[-1] ** -0.5          # (c, H, N, Nc)
-        A = (logits if bias is None else logits + bias[i:i + c]).softmax(dim=-1)
-        out.append(A.to(v.dtype) @ v[i:i + c])                                         # (c, H, N, d)
-        cls.append(A[:, :, 0])                                                         # (c, H, Nc)
-        head_max.append(A.amax(dim=1))                                                 # (c, N, Nc)
-    return torch.cat(out), Weights(torch.cat(cls), torch.cat(head_max))
+    c = chunk_of(q, k.shape[2])
+    if c >= len(q):   # one chunk (a GPU, or a small batch): no slicing and joining, a dozen fewer calls
+        return attend(q, k, v, bias)
+    parts = [attend(q[i:i + c], k[i:i + c], v[i:i + c], None if bias is None else bias[i:i + c])
+             for i in range(0, len(q), c)]
+    return torch.cat([o for o, _ in parts]), Weights(torch.cat([A.cls for _, A in parts]),
+                                                     torch.cat([A.head_max for _, A in parts]))
+
+
+def attend(q, k, v, bias):
+    """One chunk of written_out: the output (c, H, N, d) and the Weights, A itself never kept."""
+    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5                             # (c, H, N, Nc)
+    A = (logits if bias is None else logits + bias).softmax(dim=-1)
+    # (c, H, N, d) out; Weights: (c, H, Nc) the CLS row, (c, N, Nc) the max over heads
+    return A.to(v.dtype) @ v, Weights(A[:, :, 0], A.amax(dim=1))
 
 
 def cls_row(q, k, bias):

@@ -13,12 +13,16 @@ pruned layer makes than a dense one), where each method breaks even, and the pro
 writes bench-<device>.md and .json in --out.
 """
 
+import collections
+import contextlib
 from dataclasses import fields, replace
 
 import torch
 
 import data
+import madtp as madtp_module
 import train
+import vlt as vlt_module
 from madtp import ENCODERS, MADTP, MADTPConfig
 from vlt import VLT, VLTConfig
 
@@ -36,6 +40,12 @@ RATIOS = (0.5, 0.8)
 IMAGES = 64          # synthetic scenes per size: calibration and timing inputs, two captions each
 ROUNDS = 5           # timed rounds; each model keeps its best (the least disturbed)
 PAIRS_AT_1 = 32      # pairs timed one at a time per round
+# what --calls attributes a pruned layer's aten calls to: the functions of the method and of the model's seam
+TRACED = {madtp_module: "mag_logits concept_attention masked normalise cls_score self_score mag_score "
+                        "importance threshold keep_mask batch_max_mask share_count top_k_mask "
+                        "package_weights prune_tokens random_scores pack unpack real_slots",
+          vlt_module: "written_out attend cls_row pack unpack real_slots padding_bias seq_of",
+          MADTP: "prune_layer importance keep top_k", madtp_module.Trace: "record"}
 
 
 def models_of(size, cfg, run, split, tokenizer):
@@ -65,7 +75,53 @@ def aten_calls(run, model, madtp, batch):
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
-def bench(cfg, run, sizes, large):
+@contextlib.contextmanager
+def labelled():
+    """Every function in TRACED runs inside a profiler label of its name, for as long as this lasts."""
+    saved = [(owner, name, getattr(owner, name)) for owner, names in TRACED.items() for name in names.split()]
+
+    def label(name, f):
+        def run(*args, **kwargs):
+            with torch.profiler.record_function("fn " + name):
+                return f(*args, **kwargs)
+        return run
+    for owner, name, f in saved:
+        setattr(owner, name, label(name, f))
+    try:
+        yield
+    finally:
+        for owner, name, f in saved:
+            setattr(owner, name, f)
+
+
+@torch.no_grad()
+def calls_by_function(run, model, madtp, batch):
+    """{function: aten calls (nested included) of one forward}, each call counted in the innermost
+    labelled function it ran in ("model": in none)."""
+    with labelled(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train.pair_forward(run, model, madtp, batch)
+    counts = collections.Counter()
+    for e in (e for e in prof.events() if e.name.startswith("aten::")):
+        owner = e.cpu_parent
+        while owner is not None and not owner.name.startswith("fn "):
+            owner = owner.cpu_parent
+        counts["model" if owner is None else owner.name[3:]] += 1
+    return counts
+
+
+def calls_table(run, models, one, layers):
+    """Where a pruned layer's extra aten calls go: (pruned - dense) per function, per pruned layer."""
+    dense = calls_by_function(run, *models["dense"], one)
+    lines = ["more aten calls per pruned layer, by function (batch 1):"]
+    for name, layer_count in layers.items():
+        extra = calls_by_function(run, *models[name], one)
+        extra.subtract(dense)
+        lines.append(f"  {name}: " + ", ".join(f"{f} {n / layer_count:.1f}"
+                                               for f, n in extra.most_common() if n))
+    return "\n".join(lines)
+
+
+def bench(cfg, run, sizes, large, calls=False):
     rows = []
     for size in sizes:
         vcfg = VLTConfig(**SIZES[size])
@@ -78,6 +134,8 @@ def bench(cfg, run, sizes, large):
         calls = {name: aten_calls(run, model, madtp, one) for name, (model, madtp) in models.items()}
         layers = {name: sum(madtp.prunes(e, l) for e in ENCODERS for l in range(madtp.depths[e]))
                   for name, (_, madtp) in models.items() if madtp is not None}
+        if calls:
+            run.log(f"{size}:\n" + calls_table(run, models, one, layers))
         for bs in (1, large):
             batches = train.bench_batches(cfg, split, tokenizer, bs, PAIRS_AT_1 if bs == 1 else bs)
             pairs = sum(len(b[0]) for b in batches)
@@ -117,6 +175,8 @@ def main(argv=None):
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
     p.add_argument("--batch-size", type=int, help="the large batch (default 64 on a CPU, 256 on a GPU)")
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--calls", action="store_true",
+                   help="also where each pruned layer's aten calls go, by function")
     args = p.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if not sizes or set(sizes) - set(SIZES):
@@ -125,7 +185,7 @@ def main(argv=None):
     with train.Run(cfg) as run:
         large = args.batch_size or (256 if run.device.type == "cuda" else 64)
         cfg = replace(cfg, eval_batch_size=large)
-        rows = bench(cfg, run, sizes, large)
+        rows = bench(cfg, run, sizes, large, args.calls)
         where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else \
             f"CPU, {torch.get_num_threads()} threads"
         md = table(rows, where) + f"\n\nPeak RSS of the process: {train.peak_rss():.2f} GB"
