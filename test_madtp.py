@@ -1118,13 +1118,15 @@ def test_an_unreachable_target_is_said(tiny_run, tmp_path, capsys):
     assert "misses the target 0.90" in capsys.readouterr().out
 
 
-def test_divergence_stops_with_step_and_stage_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_divergence_stops_with_step_and_stage_and_keeps_the_last_good_checkpoint(tmp_path, capsys, one_thread):
+    """One thread: with two, the step it diverges at moves from run to run (5 to 8 seen), and before
+    step 2 there would be no checkpoint to keep."""
     with pytest.raises(SystemExit) as e:
         train.main(FAST + ["--out", str(tmp_path), "--lr", "1e1", "--dense-steps", "60", "--save-every", "2"])
     err = capsys.readouterr().err
     assert e.value.code == 3 and "Traceback" not in err
     step = int(re.search(r"at step (\d+) of stage dense", err)[1])
-    assert train.load_checkpoint(tmp_path / "dense.pt")["step"] == step - step % 2   # loads: all finite
+    assert step >= 2 and train.load_checkpoint(tmp_path / "dense.pt")["step"] == step - step % 2   # loads: all finite
 
 
 def test_a_checkpoint_with_nonfinite_weights_is_refused_by_name(tiny_run, tmp_path, capsys):
