@@ -328,7 +328,7 @@ class Encoder:
         """Mean GFLOPs per true pair and the reduction from dense, as calibration needs them."""
         imgs, txts = self.images(split), self.texts(split.captions)
         fus = self.fuse(txts["tokens"], imgs["tokens"], list(enumerate(split.txt2img)))
-        release_memory()   # calibration runs this 14 times
+        release_memory()   # calibration runs this at each of its steps (and fit_bars with it)
         return pair_stats(self.model.cfg, split, imgs, txts, fus)
 
 

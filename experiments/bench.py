@@ -40,7 +40,8 @@ RATIOS = (0.5, 0.8)
 IMAGES = 64          # synthetic scenes per size: calibration and timing inputs, two captions each
 ROUNDS = 5           # timed rounds; each model keeps its best (the least disturbed)
 PAIRS_AT_1 = 32      # pairs timed one at a time per round
-# what --calls attributes a pruned layer's aten calls to: the functions of the method and of the model's seam
+# what a pruned layer's aten calls are attributed to (--calls): the functions of the method and of the
+# model's seam; pack, unpack and real_slots twice, as madtp.py calls them by the names it imported
 TRACED = {madtp_module: "mag_logits concept_attention masked normalise cls_score self_score mag_score "
                         "importance threshold keep_mask batch_max_mask share_count top_k_mask "
                         "package_weights prune_tokens random_scores pack unpack real_slots",
@@ -65,14 +66,6 @@ def models_of(size, cfg, run, split, tokenizer):
             madtp.beta.fill_(beta)
             models[name] = model, madtp.eval()
     return models, reductions
-
-
-@torch.no_grad()
-def aten_calls(run, model, madtp, batch):
-    """aten calls (nested included) of one forward."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        train.pair_forward(run, model, madtp, batch)
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
 @contextlib.contextmanager
@@ -109,19 +102,18 @@ def calls_by_function(run, model, madtp, batch):
     return counts
 
 
-def calls_table(run, models, one, layers):
+def calls_table(by_function, layers):
     """Where a pruned layer's extra aten calls go: (pruned - dense) per function, per pruned layer."""
-    dense = calls_by_function(run, *models["dense"], one)
     lines = ["more aten calls per pruned layer, by function (batch 1):"]
     for name, layer_count in layers.items():
-        extra = calls_by_function(run, *models[name], one)
-        extra.subtract(dense)
+        extra = by_function[name].copy()
+        extra.subtract(by_function["dense"])
         lines.append(f"  {name}: " + ", ".join(f"{f} {n / layer_count:.1f}"
                                                for f, n in extra.most_common() if n))
     return "\n".join(lines)
 
 
-def bench(cfg, run, sizes, large, calls=False):
+def bench(cfg, run, sizes, large, show_calls=False):
     rows = []
     for size in sizes:
         vcfg = VLTConfig(**SIZES[size])
@@ -131,11 +123,13 @@ def bench(cfg, run, sizes, large, calls=False):
         run.log(f"{size}: calibrating {len(METHODS) * len(RATIOS)} models")
         models, reductions = models_of(size, cfg, run, split, tokenizer)
         one = train.bench_batches(cfg, split, tokenizer, 1, 1)[0]
-        calls = {name: aten_calls(run, model, madtp, one) for name, (model, madtp) in models.items()}
+        by_function = {name: calls_by_function(run, model, madtp, one)
+                       for name, (model, madtp) in models.items()}
+        calls = {name: sum(counts.values()) for name, counts in by_function.items()}
         layers = {name: sum(madtp.prunes(e, l) for e in ENCODERS for l in range(madtp.depths[e]))
                   for name, (_, madtp) in models.items() if madtp is not None}
-        if calls:
-            run.log(f"{size}:\n" + calls_table(run, models, one, layers))
+        if show_calls:
+            run.log(f"{size}:\n" + calls_table(by_function, layers))
         for bs in (1, large):
             batches = train.bench_batches(cfg, split, tokenizer, bs, PAIRS_AT_1 if bs == 1 else bs)
             pairs = sum(len(b[0]) for b in batches)
