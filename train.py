@@ -97,7 +97,7 @@ class TrainConfig:
     bench_batch_size: int = 64    # the large batch timed besides batch 1 (throughput)
     bench_pairs: int = 128        # pairs timed at batch 1 (at the large batch: at least 4 batches)
     save_every: int = 200         # steps between checkpoints (and one on SIGINT or SIGTERM)
-    val_every: int = 200          # stage 1: steps between validation r_mean lines
+    val_every: int = 400          # stage 1: steps between validation r_mean lines
     num_workers: int = 0          # DataLoader workers (0: fastest for synthetic)
     num_drawn: int = 4            # test scenes in tokens.png: half the sparsest, half the fullest
 
