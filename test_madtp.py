@@ -970,14 +970,17 @@ def test_compare_writes_the_factorial(tiny_run, tmp_path):
     shutil.copy(tiny_run / "dense.pt", tmp_path / "dense.pt")
     arms = ["madtp-static", "cls-dynamic"]   # the two cells of the factorial that are not baselines
     compare.main(TINY_RUN + ["--out", str(tmp_path), "--ratios", "0.5", "--prune-steps", "4", "--arms", ",".join(arms),
-                         "--no-timed"])
+                         "--no-timed", "--control"])
     results = load_json(tmp_path / "results.json")
-    assert {(r["method"], r["target"]) for r in results["summary"]} == {("dense", 0.0)} | {(m, 0.5) for m in arms}
+    assert {(r["method"], r["target"]) for r in results["summary"]} == \
+        {("dense", 0.0), ("control", 0.0)} | {(m, 0.5) for m in arms}
     for r in results["summary"]:
         if r["method"] != "dense":
-            assert abs(r["gflops_reduction"][0] - 0.5) <= 0.05, r
+            assert abs(r["gflops_reduction"][0] - r["target"]) <= 0.05, r
+    control = torch.load(tmp_path / "seed0" / "cls-static-0.00.pt", weights_only=True)   # fine-tuned, not dense
+    assert control["step"] == 4 and control["target_reduction"] == 0.0
     md = (tmp_path / "results.md").read_text()
-    assert md.startswith("| method") and md.count("\n") == 2 + 1 + len(arms)
+    assert md.startswith("| method") and md.count("\n") == 2 + 2 + len(arms)
 
 
 def test_decomposition_switches_one_thing_at_a_time(tiny_run, tmp_path):

@@ -122,13 +122,10 @@ class TrainConfig:
                 raise ValueError(f"--{flag(name)} {what}, got {getattr(self, name)}")
 
 
-# "default" is what the README reports (the CPU's): a ViT-deep vision encoder (12 layers, as ViT-B)
-# at width 64; "shallow" is the earlier default (4 vision layers at width 128, 1000 dense steps),
-# whose numbers docs/findings.md keeps; "tiny" runs the story in well under a minute; "varied" lets
-# a scene fill the whole grid, so that content varies from scene to scene; "gpu" (what --device
-# cuda runs when no preset is given) has 128-px scenes with 8-px patches (257 vision tokens) and a
-# model wide and deep enough that a GPU multiplies matrices instead of waiting for kernel launches;
-# "coco" suits real photos.
+# default: the README's (CPU) testbed, a ViT-deep vision encoder (12 layers, as ViT-B) at width 64;
+# shallow: the earlier default, kept for docs/findings.md; tiny: the story in under a minute; varied:
+# scenes that fill the grid; gpu (--device cuda's): 257 vision tokens, a model wide enough that a GPU
+# multiplies matrices instead of waiting for launches; coco: real photos.
 PRESETS = {
     "tiny": dict(image_size=32, patch_size=8, dim=64, heads=2, vision_layers=2, text_layers=1,
                  fusion_layers=1, embed_dim=32, num_train=400, num_val=100, num_test=100,
@@ -175,8 +172,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):   # one line, naming the command a flag of another command belongs to
-        hint = "".join(f" ({f} belongs to python -m {c})" for f, c in ELSEWHERE.items()
-                       if f in message)
+        hint = "".join(f" ({f} belongs to python -m {c})" for f, c in ELSEWHERE.items() if f in message)
         fail(f"{message}{hint}; see {self.prog} --help")
 
 
@@ -185,11 +181,9 @@ def parser(description=__doc__.split("\n\n")[0], prog="train.py"):
     p = Parser(description=description, prog=prog)
     for cls in (TrainConfig, VLTConfig, MADTPConfig):
         helps = field_help(cls)
-        for f in fields(cls):
+        for f in (f for f in fields(cls) if f.name not in NOT_FLAGS):
             kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else {"type": f.type}
-            if f.name not in NOT_FLAGS:
-                p.add_argument("--" + flag(f.name), choices=CHOICES.get(f.name), help=helps[f.name],
-                               **kind)
+            p.add_argument("--" + flag(f.name), choices=CHOICES.get(f.name), help=helps[f.name], **kind)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     return p
 
@@ -396,8 +390,7 @@ class Objective(nn.Module):
     def forward(self, images, ids, valid, image_ids):
         align = self.madtp is not None and self.madtp.aligned
         trace = Trace(features=align)
-        loss, info = task_loss(self.model, images, ids, valid, image_ids,
-                               hooks_of(self.madtp, trace))
+        loss, info = task_loss(self.model, images, ids, valid, image_ids, hooks_of(self.madtp, trace))
         parts = dict(task=loss.detach())
         if align:
             L_align = alignment_loss(trace.F["vision"], trace.F["text"])
@@ -414,74 +407,25 @@ def lr_at(step, steps, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
 
 
-def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ckpt_base, path,
-                target=None, validate=None):
-    """The loop both stages share: AdamW; atomic checkpoints every save_every steps and after the
-    step in progress on SIGINT or SIGTERM; no update from a non-finite loss or gradient; in stage 2
-    (target p), β moved after every step toward the GFLOPs target ramped from 0 to p; with validate
-    (a function returning r_mean), a validation line every val_every steps."""
-    params = [p for p in objective.parameters() if p.requires_grad]
-    opt, step = optimizer(run, params, peak_lr, cfg.weight_decay, ckpt_base)
-    wrapped = nn.parallel.DistributedDataParallel(objective) if run.distributed else objective
-    bar = tqdm(total=steps, initial=step, desc=name, disable=not run.main, dynamic_ncols=True)
-    batches = data.train_batches(data.PairDataset(splits["train"], train=True), tokenizer,
-                                 cfg.batch_size, cfg.seed, step, run.world, run.rank,
-                                 cfg.num_workers)
-    objective.train()
-    step_flops, timed_from, run.deferring = None, None, True   # the first step's FLOPs; timed from
-    while step < steps and not run.stopping():
-        batch = next(batches)
-        objective.model.check_inputs(batch["images"], batch["ids"], batch["valid"])   # CPU: no sync
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, peak_lr, cfg.warmup)
-        first = step_flops is None
-        with FlopCounterMode(display=False) if first else contextlib.nullcontext() as counter:
-            with run.autocast():
-                loss, parts, trace, image_of_pair = wrapped(**batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        stop_if_diverged(run, bar, loss, norm, step, name, path)
-        opt.step()
-        step += 1
-        if step % TRIM_EVERY == 0:
-            release_memory()
-        if first:   # the first step, counted (and slowed) by the FLOP counter: not timed
-            step_flops = counter.get_total_flops() * run.world
-            run.sync()
-            timed_from = (step, time.perf_counter())
-        post = {k: f"{v.item():.3f}" for k, v in parts.items()}
-        if target is not None:
-            goal = target * min(1.0, step / max(1, cfg.ramp * steps))
-            post.update(move_beta(cfg, run, objective, trace, batch, image_of_pair, goal))
-        bar.set_postfix(post)
-        bar.update()
-        if validate is not None and cfg.val_every and (step % cfg.val_every == 0 or step == steps):
-            # its own random stream (a DataLoader draws a seed): the curve cannot move training
-            with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-                run.log(f"{name} step {step}: validation r_mean {validate():.1f}")
-            objective.train()
-        if step % cfg.save_every == 0 and step < steps:
-            save_state(run, path, ckpt_base, objective, opt, step, done=False)
-    run.deferring = False
-    bar.close()
-    save_state(run, path, ckpt_base, objective, opt, step, done=step == steps)
-    if step < steps:   # stopped by a signal: saved the state after the last whole step
-        stop = signal.Signals(run.stop or signal.SIGTERM)
-        run.log(f"\n{stop.name} at step {step} of {name}; saved {path}. Continue with the same "
-                "command and --resume.", error=True)
-        sys.exit(128 + stop)
-    if timed_from is not None and step > timed_from[0]:
-        log_speed(run, name, step_flops, step, *timed_from)
+# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU; others get none
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None) if name else None
 
 
 def log_speed(run, name, step_flops, step, from_step, from_time):
-    """The stage's steps/s from the second step on (the first ran under the FLOP counter)."""
+    """The stage's steps/s from the second step on (the first ran under the FLOP counter), its model
+    FLOP/s (torch.utils.flop_counter's count) and the MFU where the device's peak is known."""
     run.sync()
     rate = (step - from_step) / (time.perf_counter() - from_time)
-    run.log(f"{name}: {rate:.2f} steps/s, {utilisation(run, step_flops * rate)} (wall clock, "
-            f"checkpoints and validation included); peak RSS so far {peak_rss():.2f} GB")
+    flops, peak = step_flops * rate, peak_flops(run.device)
+    mfu = f", MFU {flops / peak:.1%}" if peak else ""
+    run.log(f"{name}: {rate:.2f} steps/s, {flops / 1e12:.2f} TFLOP/s{mfu} (wall clock, checkpoints and "
+            f"validation included); peak RSS so far {peak_rss():.2f} GB")
 
 
 def optimizer(run, params, peak_lr, weight_decay, ckpt_base):
@@ -537,20 +481,65 @@ def move_beta(cfg, run, objective, trace, batch, image_of_pair, goal):
     return dict(red=f"{r.item():.3f}", goal=f"{goal:.2f}", beta=f"{madtp.beta.item():.3f}")
 
 
-# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU; others get none
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-                   "A100": 312e12, "L40S": 362e12, "L4": 121e12}
-
-
-def peak_flops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None) if name else None
-
-
-def utilisation(run, flops_per_s):
-    """Model FLOP/s (torch.utils.flop_counter's count), and the MFU where the peak is known."""
-    peak = peak_flops(run.device)
-    return f"{flops_per_s / 1e12:.2f} TFLOP/s" + (f", MFU {flops_per_s / peak:.1%}" if peak else "")
+def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ckpt_base, path,
+                target=None, validate=None):
+    """The loop both stages share: AdamW; atomic checkpoints every save_every steps and after the
+    step in progress on SIGINT or SIGTERM; no update from a non-finite loss or gradient; in stage 2
+    (target p), β moved after every step toward the GFLOPs target ramped from 0 to p; with validate
+    (a function returning r_mean), a validation line every val_every steps."""
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt, step = optimizer(run, params, peak_lr, cfg.weight_decay, ckpt_base)
+    wrapped = nn.parallel.DistributedDataParallel(objective) if run.distributed else objective
+    bar = tqdm(total=steps, initial=step, desc=name, disable=not run.main, dynamic_ncols=True)
+    batches = data.train_batches(data.PairDataset(splits["train"], train=True), tokenizer, cfg.batch_size,
+                                 cfg.seed, step, run.world, run.rank, cfg.num_workers)
+    objective.train()
+    step_flops, timed_from, run.deferring = None, None, True   # the first step's FLOPs; timed from
+    while step < steps and not run.stopping():
+        batch = next(batches)
+        objective.model.check_inputs(batch["images"], batch["ids"], batch["valid"])   # CPU: no sync
+        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, peak_lr, cfg.warmup)
+        first = step_flops is None
+        with FlopCounterMode(display=False) if first else contextlib.nullcontext() as counter:
+            with run.autocast():
+                loss, parts, trace, image_of_pair = wrapped(**batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        stop_if_diverged(run, bar, loss, norm, step, name, path)
+        opt.step()
+        step += 1
+        if step % TRIM_EVERY == 0:
+            release_memory()
+        if first:   # the first step, counted (and slowed) by the FLOP counter: not timed
+            step_flops = counter.get_total_flops() * run.world
+            run.sync()
+            timed_from = (step, time.perf_counter())
+        post = {k: f"{v.item():.3f}" for k, v in parts.items()}
+        if target is not None:
+            goal = target * min(1.0, step / max(1, cfg.ramp * steps))
+            post.update(move_beta(cfg, run, objective, trace, batch, image_of_pair, goal))
+        bar.set_postfix(post)
+        bar.update()
+        if validate is not None and cfg.val_every and (step % cfg.val_every == 0 or step == steps):
+            # its own random stream (a DataLoader draws a seed): the curve cannot move training
+            with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+                run.log(f"{name} step {step}: validation r_mean {validate():.1f}")
+            objective.train()
+        if step % cfg.save_every == 0 and step < steps:
+            save_state(run, path, ckpt_base, objective, opt, step, done=False)
+    run.deferring = False
+    bar.close()
+    save_state(run, path, ckpt_base, objective, opt, step, done=step == steps)
+    if step < steps:   # stopped by a signal: saved the state after the last whole step
+        stop = signal.Signals(run.stop or signal.SIGTERM)
+        run.log(f"\n{stop.name} at step {step} of {name}; saved {path}. Continue with the same "
+                "command and --resume.", error=True)
+        sys.exit(128 + stop)
+    if timed_from is not None and step > timed_from[0]:
+        log_speed(run, name, step_flops, step, *timed_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -859,7 +848,7 @@ def main(argv=None):
         run.log(f"model: {json.dumps(asdict(vcfg))}")
         run.log(f"data: {cfg.data}, {len(splits['train'].captions)} training pairs, "
                 f"{splits['val'].num_images} validation and {splits['test'].num_images} test images; "
-                f"device {run.device}")
+                f"device {run.device}, torch {torch.__version__}")   # a result names the build that made it
         dense = stage_dense(cfg, run, vcfg, splits, tokenizer)
         compressed, madtp = stage_compress(cfg, run, vcfg, mcfg, splits, tokenizer, dense)
         if run.main:
@@ -933,8 +922,7 @@ class Run:
         self.lock = lock(self.out) if self.main else None
         if self.distributed:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.handlers = {s: signal.signal(s, self.on_signal)
-                         for s in (signal.SIGINT, signal.SIGTERM)}
+        self.handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(self, signum, frame):
         if not self.deferring or self.stop is not None:

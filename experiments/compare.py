@@ -2,15 +2,18 @@
 
     python -m experiments.compare --ratios 0.5,0.8 --seeds 0,1,2 --out runs/compare
     python -m experiments.compare --ratios 0.5 --arms madtp,madtp-static,cls-dynamic,cls-static --no-timed
+    python -m experiments.compare --ratios 0.8 --arms madtp-static --control --prune-steps 600 --no-timed
 
 Writes <name>.md (one row per method and target, ± the spread over seeds; "unpruned" is the
 fine-tuned network evaluated with its pruning off) and <name>.json (every number of every seed) in
---out. One dense model is trained with --seed (or reused); each arm is
-then fine-tuned from it with the same steps, once per seed, into <out>/seed<S>/<arm>-<p>.pt, and
-evaluated on the test split. Finished checkpoints and evaluations are reused, so an interrupted
-sweep continues where it stopped, and seeds or arms can run as separate processes (each with its
-own --out holding a copy of dense.pt) before one run collects them. Every other flag is
-train.py's, and applies to every arm.
+--out. One dense model is trained with --seed (or reused); each arm is then fine-tuned from it
+with the same steps, once per seed, into <out>/seed<S>/<arm>-<p>.pt, and evaluated on the test
+split. With --control, the dense model is also fine-tuned for the same steps at a 0% target (the
+arm "control": cls-static, which then fuses about one token a layer into its package token): how
+much of what an arm gains over dense is training the dense model had not finished. Finished
+checkpoints and evaluations are reused, so an interrupted sweep continues where it stopped, and
+seeds or arms can run as separate processes (each with its own --out holding a copy of dense.pt)
+before one run collects them. Every other flag is train.py's, and applies to every arm.
 """
 
 import argparse
@@ -23,8 +26,10 @@ import data
 import train
 from madtp import ENCODERS, METHODS
 
+CONTROL = "cls-static"   # the control's method: at a 0% target it keeps all but about one token a layer
 
-def sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, name, timed=True):
+
+def sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, name, timed=True, control=False):
     splits = train.load_splits(cfg, vcfg, run)
     tokenizer = data.Tokenizer.build(splits["train"].captions, vcfg.max_text_len)
     vcfg = replace(vcfg, vocab_size=len(tokenizer))
@@ -33,13 +38,16 @@ def sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, name, timed=True):
     rows = []
     for seed in seeds:
         seed_rows, models = {}, {}
-        for p, arm in [(0.0, "dense")] + [(p, arm) for p in ratios for arm in arms]:
+        for p, arm in [(0.0, "dense")] + [(0.0, "control")] * control + [(p, a) for p in ratios for a in arms]:
             run.out = base / f"seed{seed}"
             run.out.mkdir(parents=True, exist_ok=True)
             acfg = replace(cfg, seed=seed, prune_ratio=p)
-            model, madtp = (dense, None) if p == 0 else train.stage_compress(
-                acfg, run, vcfg, replace(mcfg, method=arm), splits, tokenizer, dense, schedules=base)
-            cache = (run.out / f"{arm}-{p:.2f}.eval.json") if p else (base / "dense.eval.json")
+            if arm == "control":   # it keeps every token: no schedule to search
+                acfg = replace(acfg, schedule="uniform")
+            model, madtp = (dense, None) if arm == "dense" else train.stage_compress(
+                acfg, run, vcfg, replace(mcfg, method=CONTROL if arm == "control" else arm), splits, tokenizer,
+                dense, schedules=base)
+            cache = (base / "dense.eval.json") if arm == "dense" else (run.out / f"{arm}-{p:.2f}.eval.json")
             if cache.exists():   # accuracy and GFLOPs of a finished checkpoint never change
                 m = json.loads(cache.read_text())
             else:
@@ -49,7 +57,7 @@ def sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, name, timed=True):
                 m["r_mean_unpruned"] = m["r_mean"] if madtp is None else \
                     train.evaluate(acfg, run, model, None, test, tokenizer)["r_mean"]
                 train.write_json(cache, m)
-            key = "dense" if p == 0 else f"{arm} {p:.2f}"
+            key = "dense" if arm == "dense" else f"{arm} {p:.2f}"
             seed_rows[key], models[key] = dict(m, seed=seed, method=arm, target=p), (model, madtp)
         run.out = base
         if timed:   # timings are taken anew, all models of a seed in turns: every ratio is of one run
@@ -130,6 +138,8 @@ def main(argv=None):
                    + ", ".join(METHODS))
     p.add_argument("--name", default="results", help="<name>.md and <name>.json")
     p.add_argument("--timed", action=argparse.BooleanOptionalAction, default=True, help="time every model (pairs/s)")
+    p.add_argument("--control", action="store_true", help="also fine-tune the dense model for the same steps at a 0% "
+                   "target (the arm \"control\")")
     args = p.parse_args(argv)
     cfg, vcfg, mcfg = train.configs(args)
     ratios, seeds, arms = parse(args.ratios, float, "--ratios"), parse(args.seeds, int, "--seeds"), \
@@ -141,7 +151,7 @@ def main(argv=None):
     with train.Run(cfg, resume=args.resume) as run:
         if run.distributed:
             train.fail("experiments.compare runs in one process; start it without torchrun")
-        sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, args.name, args.timed)
+        sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, args.name, args.timed, args.control)
 
 
 def parse(text, kind, flag):
