@@ -35,18 +35,18 @@ def sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, name, timed=True, control=F
     vcfg = replace(vcfg, vocab_size=len(tokenizer))
     test, base = splits["test"], run.out
     dense = train.stage_dense(cfg, run, vcfg, splits, tokenizer)
+    # (arm, target, method, schedule); the control keeps (nearly) every token: no schedule to search
+    plan = ([("dense", 0.0, None, cfg.schedule)] + ([("control", 0.0, CONTROL, "uniform")] if control else [])
+            + [(arm, p, arm, cfg.schedule) for p in ratios for arm in arms])
     rows = []
     for seed in seeds:
         seed_rows, models = {}, {}
-        for p, arm in [(0.0, "dense")] + [(0.0, "control")] * control + [(p, a) for p in ratios for a in arms]:
+        for arm, p, method, schedule in plan:
             run.out = base / f"seed{seed}"
             run.out.mkdir(parents=True, exist_ok=True)
-            acfg = replace(cfg, seed=seed, prune_ratio=p)
-            if arm == "control":   # it keeps every token: no schedule to search
-                acfg = replace(acfg, schedule="uniform")
-            model, madtp = (dense, None) if arm == "dense" else train.stage_compress(
-                acfg, run, vcfg, replace(mcfg, method=CONTROL if arm == "control" else arm), splits, tokenizer,
-                dense, schedules=base)
+            acfg = replace(cfg, seed=seed, prune_ratio=p, schedule=schedule)
+            model, madtp = (dense, None) if method is None else train.stage_compress(
+                acfg, run, vcfg, replace(mcfg, method=method), splits, tokenizer, dense, schedules=base)
             cache = (base / "dense.eval.json") if arm == "dense" else (run.out / f"{arm}-{p:.2f}.eval.json")
             if cache.exists():   # accuracy and GFLOPs of a finished checkpoint never change
                 m = json.loads(cache.read_text())
