@@ -33,6 +33,18 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+# The CPU allocator, set before the first tensor (torch reads THP_MEM_ALLOC_ENABLE at its first
+# allocation; docs/speed.md, Memory). Batches of varying shapes leave holes in glibc's heap that it
+# keeps, so memory would grow with every step. Tensors of 2 MiB or more therefore get mappings of
+# their own, which go back to the OS when freed (glibc's mmap threshold), backed by transparent huge
+# pages, so that mapping them afresh costs little speed. A user's own setting of either wins.
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+M_MMAP_THRESHOLD = -3            # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD = 2 << 20         # bytes; torch advises huge pages from this size on
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+if hasattr(LIBC, "mallopt") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -976,12 +988,11 @@ class Run:
             torch.cuda.synchronize()
 
 
-def release_memory(libc=ctypes.CDLL(ctypes.util.find_library("c"))):
-    """Hand the C heap's free pages back to the OS. Batches of varying sizes leave holes in glibc's
-    heap that it keeps, so a long run's memory would grow with its steps (docs/speed.md, Memory);
-    malloc_trim(0) returns them. Not glibc (macOS, musl): nothing to do."""
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+def release_memory():
+    """Hand the C heap's free pages back to the OS: the tensors under the mmap threshold still leave
+    holes in it (docs/speed.md, Memory). Not glibc (macOS, musl): nothing to do."""
+    if hasattr(LIBC, "malloc_trim"):
+        LIBC.malloc_trim(0)
 
 
 def peak_rss():
