@@ -33,10 +33,9 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import draw_bounding_boxes, make_grid
 from tqdm import tqdm
 
 # Text.
@@ -250,7 +249,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def train_batches(dataset: PairDataset, tokenizer: Tokenizer, batch_size: int, seed: int, step: int = 0,
-                  world: int = 1, rank: int = 0, num_workers: int = 0):
+                  world: int = 1, rank: int = 0, num_workers: int = 0, pin_memory: bool = False):
     """Endless training batches from `step` on, the same ones whether or not a run was interrupted:
     DistributedSampler shards and shuffles each epoch by (seed, epoch); resuming skips what was done."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
@@ -264,7 +263,8 @@ def train_batches(dataset: PairDataset, tokenizer: Tokenizer, batch_size: int, s
         # its own generator: a DataLoader otherwise draws a seed from the global RNG, and a resumed
         # run, which builds its loader mid-epoch, would draw different hard negatives from then on
         yield from torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=Collate(tokenizer),
-                                               num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                                               num_workers=num_workers, pin_memory=pin_memory,
+                                               generator=torch.Generator().manual_seed(seed))
         epoch, skip = epoch + 1, 0
 
 
@@ -439,135 +439,6 @@ def synthetic_splits(num_train: int, num_val: int, num_test: int, captions_per_i
 
 
 # ----------------------------------------------------------------------------------------------
-# What a pruner kept, against the scenes' ground truth
-#
-# positions[s][l]: the original token index + 1 of every token sample s still holds after layer l
-# (0 is CLS, -1 a package token or padding), as madtp.Trace records it.
-
-
-def kept_share(flags, positions) -> list[float]:
-    """Per layer: the share of kept tokens (CLS and package tokens aside) whose ground-truth flag is
-    set. flags[s] (n,) bool per original token of sample s."""
-    layers = len(positions[0])
-    on, total = torch.zeros(layers), torch.zeros(layers)
-    for flag, per_layer in zip(flags, positions):
-        for l, pos in enumerate(per_layer):
-            token = pos[pos >= 1].cpu() - 1
-            on[l] += flag[token].sum()
-            total[l] += len(token)
-    return (on / total.clamp_min(1)).tolist()
-
-
-def recall(flags, positions) -> torch.Tensor:
-    """(S, L): for each sample s and layer l, the share of its flagged original tokens still present
-    (kept, not fused) after layer l. flags[s] (n,) bool."""
-    out = torch.zeros(len(flags), len(positions[0]))
-    for s, (flag, per_layer) in enumerate(zip(flags, positions)):
-        for l, pos in enumerate(per_layer):
-            present = torch.zeros_like(flag)
-            present[pos[pos >= 1].cpu() - 1] = True
-            out[s, l] = (flag & present).sum() / flag.sum().clamp_min(1)
-    return out
-
-
-def pearson(x, y) -> float:
-    """Pearson correlation of two (S,) tensors; 0 where either does not vary (e.g. dense)."""
-    x, y = x - x.mean(), y - y.mean()
-    return (x @ y / (x.norm() * y.norm()).clamp_min(1e-12)).item()
-
-
-def object_share(split: RetrievalSplit, positions) -> dict:
-    """Per vision layer: the share of kept patches that show an object, and the same share over all
-    patches for reference (what a random pruner would get)."""
-    objects = [split.object_patches(i) for i in range(len(positions))]
-    return dict(per_layer=kept_share(objects, positions),
-                all_patches=torch.stack([o.float().mean() for o in objects]).mean().item())
-
-
-def object_recall(split: RetrievalSplit, positions) -> dict:
-    """Per vision layer: the share of a scene's object patches still present, averaged over all
-    scenes and over the most cluttered quarter (most object patches); and the Pearson r over scenes
-    between a scene's object patches and the patches it kept (> 0: more content, more tokens)."""
-    objects = [split.object_patches(i) for i in range(len(positions))]
-    per_scene = recall(objects, positions)                                          # (S, L)
-    count = torch.tensor([float(o.sum()) for o in objects])                         # (S,)
-    cluttered = count.argsort(descending=True)[: max(1, len(count) // 4)]
-    kept = torch.tensor([[float((pos >= 1).sum()) for pos in per_layer] for per_layer in positions])   # (S, L)
-    return dict(per_layer=per_scene.mean(0).tolist(), cluttered=per_scene[cluttered].mean(0).tolist(),
-                pearson_r=[pearson(count, k) for k in kept.t()])
-
-
-def content_flags(split: RetrievalSplit, max_words: int, num: int) -> list[torch.Tensor]:
-    """Per caption c < num: which of its first max_words words carry content. [(n_c,) bool]"""
-    return [torch.tensor(split.content_words(c)[:max_words] or [False]) for c in range(num)]
-
-
-def content_recall(split: RetrievalSplit, max_words: int, positions) -> list[float]:
-    """Per text or fusion layer: the share of a caption's content words still present, averaged."""
-    return recall(content_flags(split, max_words, len(positions)), positions).mean(0).tolist()
-
-
-def content_share(split: RetrievalSplit, max_words: int, positions) -> dict:
-    """Per text layer: the share of kept words that carry content (colour, shape, size, place)."""
-    return dict(per_layer=kept_share(content_flags(split, max_words, len(positions)), positions))
-
-
-WORD_W, WORD_H = 7, 16   # pixels per character and per line of the caption strips in draw_kept
-DRAWN_WIDTH = 192        # scenes are drawn at least this many pixels wide
-
-
-def draw_kept(split: RetrievalSplit, words, image_positions, text_positions, fusion_positions, patch_size: int,
-              num: int, path):
-    """A PNG of what a pruner kept, for the num // 2 test scenes with the fewest object patches and
-    those with the most: the image, then per vision layer the image with its pruned patches dimmed;
-    below, the caption once per text and fusion layer, kept words boxed in green, pruned ones grey.
-    words(caption) -> its words; *_positions as the measures above take them."""
-    count = torch.stack([split.object_patches(i).sum() for i in range(split.num_images)])
-    order = count.argsort(stable=True).tolist()
-    scale, grid, rows = max(1, DRAWN_WIDTH // split.image_size), split.image_size // patch_size, []
-    mean, std = torch.tensor(IMAGE_MEAN)[:, None, None], torch.tensor(IMAGE_STD)[:, None, None]
-    for i in order[: num // 2] + order[len(order) - (num - num // 2):]:
-        img = ((split.image(i) * std + mean).clamp(0, 1) * 255).to(torch.uint8)
-        panels = [img]
-        for pos in image_positions[i]:
-            keep = torch.zeros(grid * grid, dtype=torch.bool)
-            keep[pos[pos >= 1].cpu() - 1] = True
-            mask = keep.view(grid, grid).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
-            panels.append(torch.where(mask, img, img // 4))
-        top = torch.cat([c.repeat_interleave(scale, 1).repeat_interleave(scale, 2) for c in panels], dim=2)
-        c = split.img2txt[i][0]
-        caption = words(split.captions[c])
-        strips = [_word_strip(caption, None, "caption")]
-        strips += [_word_strip(caption, pos, f"text {l + 1}") for l, pos in enumerate(text_positions[c])]
-        strips += [_word_strip(caption, pos, f"fusion {l + 1}") for l, pos in enumerate(fusion_positions[c])]
-        rows.append(_stack([top] + strips))
-    write_png(make_grid(_stack(rows, only_pad=True), nrow=1, padding=8, pad_value=255), str(path))
-
-
-def _word_strip(words: list[str], pos, label: str) -> torch.Tensor:
-    """One line: a label, then the words; kept words (pos holds their index + 1) in green boxes,
-    pruned ones in grey. pos None: every word in plain black."""
-    kept = set((pos[pos >= 1].cpu() - 1).tolist()) if pos is not None else set(range(len(words)))
-    x, boxes, labels, colours = 0, [], [], []
-    for text, on in [(label + ":", None)] + [(w, j in kept) for j, w in enumerate(words)]:
-        w = WORD_W * len(text) + 6
-        boxes.append([x, 1, x + w - 2, WORD_H - 1])
-        labels.append(text)
-        colours.append("black" if on is None or pos is None else ("green" if on else "lightgray"))
-        x += w
-    canvas = torch.full((3, WORD_H, x), 255, dtype=torch.uint8)
-    return draw_bounding_boxes(canvas, torch.tensor(boxes), labels=labels, colors=colours, width=1)
-
-
-def _stack(pictures: list[torch.Tensor], only_pad: bool = False):
-    """Pad (3, H, W) uint8 pictures with white to the widest, then stack them top to bottom (or only pad)."""
-    W = max(p.shape[2] for p in pictures)
-    padded = [torch.cat([p, torch.full((3, p.shape[1], W - p.shape[2]), 255, dtype=torch.uint8)], dim=2)
-              for p in pictures]
-    return padded if only_pad else torch.cat(padded, dim=1)
-
-
-# ----------------------------------------------------------------------------------------------
 # COCO: two annotation formats, one record type
 
 
@@ -719,7 +590,7 @@ def _decode(path: Path, size: int) -> torch.Tensor | str:
 
 
 def coco_splits(root, ann_files, image_size: int, num_images: int | None = None, sample_seed: int | None = None,
-                val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
                 warn=_warn) -> dict[str, RetrievalSplit]:
     """Pool the records of ann_files (found under root when empty), take the first num_images (or a seeded
     sample), split them by image into train/val/test, and decode every image once, up front. Images that

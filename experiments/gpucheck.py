@@ -1,0 +1,84 @@
+"""One command checks a GPU: the environment, the tests that touch the device, the gpu preset's main
+job, its tokens.png, and the bench at the gpu sizes, each step time-boxed, all in one folder.
+
+    python -m experiments.gpucheck --out gpucheck                       # on a machine with a GPU
+    python -m experiments.gpucheck --out /tmp/check --device cpu --size tiny   # the same steps, on a CPU
+
+Each step runs as a subprocess with its own time box (TIME_BOX, seconds: 12 minutes in all) and writes
+<step>.log; a step that runs out of time is stopped and the next one runs. summary.md lists every
+step's exit code and wall time; the main job leaves main/metrics.json and main/train.log, the truth
+step main/tokens.png, the bench bench/bench-<device>.md and .json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# seconds of device time per step; the main job is the gpu preset's (a review estimated 3 to 7
+# minutes on an H200, with both count rules), the bench two sizes at batch 1 and 256
+TIME_BOX = dict(env=30, tests=120, main=420, truth=30, bench=120)
+# --size tiny: a smoke run of every step, so that the script works before any GPU sees it
+QUICK = ["--dense-steps", "20", "--prune-steps", "8", "--num-train", "100", "--num-val", "20", "--num-test", "20"]
+ENV_REPORT = ("import torch, torchvision, platform; c = torch.cuda.is_available(); "
+              "print('python', platform.python_version(), 'torch', torch.__version__, 'torchvision', "
+              "torchvision.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version()); "
+              "print('device', torch.cuda.get_device_name(0) if c else 'none', 'count', torch.cuda.device_count(), "
+              "'bf16', c and torch.cuda.is_bf16_supported(), 'threads', torch.get_num_threads())")
+
+
+def steps(out, device, size, tests):
+    """(name, command, environment additions) of each step."""
+    py, main = sys.executable, out / "main"
+    preset = ["--preset", "gpu"] if size == "gpu" else ["--preset", "tiny"] + QUICK
+    sizes = ["--sizes", "gpu-65,gpu"] + ["--batch-size", "256"] * (device == "cuda") if size == "gpu" else \
+        ["--sizes", "tiny", "--batch-size", "8"]
+    checkpoint = main / f"madtp-sample-{0.5:.2f}.pt"
+    return [("env", [py, "-c", ENV_REPORT], {}),
+            ("tests", [py, "-m", "pytest", "-q", "-x", "-m", "device", "-k", tests, "-p", "no:cacheprovider"],
+             dict(MADTP_TEST_DEVICE=device)),
+            ("main", [py, "train.py", *preset, "--device", device, "--out", str(main)], {}),
+            ("truth", [py, "-m", "experiments.truth", str(checkpoint), "--device", device, "--out", str(main)], {}),
+            ("bench", [py, "-m", "experiments.bench", *sizes, "--device", device, "--out", str(out / "bench")], {})]
+
+
+def run_step(name, command, env, box, out):
+    """Run one step within its time box; (exit code or "timeout", seconds)."""
+    start = time.perf_counter()
+    with open(out / f"{name}.log", "w") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        try:
+            rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=box,
+                                env=dict(os.environ, **env), cwd=Path(__file__).parent.parent).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    return rc, time.perf_counter() - start
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m experiments.gpucheck")
+    p.add_argument("--out", required=True, help="the folder for every log and result (created)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--size", choices=("gpu", "tiny"), default="gpu", help="the gpu preset, or the tiny one")
+    p.add_argument("--tests", default="not slow", help="pytest -k expression for the device tests")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, command, env in steps(out, args.device, args.size, args.tests):
+        rc, seconds = run_step(name, command, env, TIME_BOX[name], out)
+        results[name] = dict(rc=rc, seconds=round(seconds, 1), box=TIME_BOX[name])
+        print(f"{name}: exit {rc} after {seconds:.0f} s (box {TIME_BOX[name]} s)", flush=True)
+    lines = ["| step | exit | seconds | time box |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r['rc']} | {r['seconds']} | {r['box']} |" for n, r in results.items()]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

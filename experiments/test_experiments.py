@@ -1,0 +1,195 @@
+"""Tests of the research code (experiments/): the variants through the seam, the comparison, the
+decomposition, the ground truth, re-evaluation, the benchmark and the GPU check, on tiny configs on
+the CPU. Collected by the README's `pytest` with test_madtp.py."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from experiments import bench, compare, decompose, evaluate, gpucheck, truth
+from experiments.common import HostSyncs, positions
+from experiments.methods import ARMS, Options, Variant, search_cuts, share_threshold
+from madtp import ENCODERS, MADTPConfig, Trace
+from test_madtp import TINY, TINY_RUN, captions, images, load_json, run, tiny_main_job
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+
+def tiny_variant(arm, beta=1.0, **changes):
+    torch.manual_seed(0)
+    from vlt import VLT
+    options = Options(**dict(vars(ARMS[arm]), **changes))
+    madtp = Variant(MADTPConfig(num_align_tokens=8), TINY, options)
+    madtp.beta.fill_(beta)
+    return VLT(TINY).eval(), madtp
+
+
+def kept_total(trace):
+    return sum(int(trace.counts(e).sum()) for e in ENCODERS)
+
+
+@pytest.fixture
+def tiny_run(tmp_path_factory):
+    """The tiny main job of test_madtp.py, run once a session."""
+    return tiny_main_job(tmp_path_factory)
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_every_arm_prunes_more_as_beta_grows(arm):
+    model, madtp = tiny_variant(arm)
+    imgs, (ids, valid) = images(4, device="cpu"), captions([3, 11, 7, 5], device="cpu")
+    kept = []
+    for beta in (0.0, 0.5, 1.0, 2.0, 3.0):
+        madtp.beta.fill_(beta)
+        kept.append(kept_total(run(model, madtp, imgs, ids, valid)[1]))
+    if arm == "madtp-batch-max":   # the official guard: past the β where no token passes, nothing is pruned
+        cliff = next((i for i in range(1, len(kept)) if kept[i] > kept[i - 1]), len(kept))
+        kept = kept[:cliff]
+    assert all(b <= a for a, b in zip(kept, kept[1:])) and kept[-1] < kept[0], kept
+
+
+@pytest.mark.parametrize("arm", ["madtp-sample", "madtp-static", "cls-static", "dtp-no-mag", "random"])
+def test_the_batch_invariant_arms_are(arm):
+    model, madtp = tiny_variant(arm)
+    lengths = [3, 11, 7, 1]
+    imgs, (ids, valid) = images(4, device="cpu"), captions(lengths, device="cpu")
+    together = run(model, madtp, imgs, ids, valid)[0]
+    for b, n in enumerate(lengths):
+        alone = run(model, madtp, imgs[b:b + 1], ids[b:b + 1, : 1 + n], valid[b:b + 1, : 1 + n])[0]
+        torch.testing.assert_close(alone["itm"][0], together["itm"][b], rtol=1e-4, atol=1e-5)
+
+
+def test_the_madtp_arms_are_the_main_path():
+    """Through the seam, madtp-sample decides exactly as madtp.MADTP does."""
+    from test_madtp import tiny_model
+    (model, main), (_, arm) = tiny_model(device="cpu"), tiny_variant("madtp-sample")
+    arm.load_state_dict(main.state_dict(), strict=False)
+    imgs, (ids, valid) = images(3, device="cpu"), captions([4, 9, 2], device="cpu")
+    a, b = run(model, main, imgs, ids, valid), run(model, arm, imgs, ids, valid)
+    assert torch.equal(a[0]["itm"], b[0]["itm"]) and all(torch.equal(a[2][e], b[2][e]) for e in ENCODERS)
+
+
+def test_fixed_counts_first_layer_and_switches():
+    """Fixed counts keep ceil(n ρ) of every sample's n tokens; layers before first_layer and the
+    encoders switched off keep all."""
+    model, madtp = tiny_variant("madtp-static", beta=1.5, first_layer=1, prune=("vision", "fusion"))
+    _, trace, _ = run(model, madtp, images(3, device="cpu"), *captions([4, 8, 6], device="cpu"))
+    for e in ENCODERS:
+        r = trace.layers[e]
+        assert torch.equal(r[0]["valid_in"].sum(1), r[0]["valid_out"].sum(1)), e
+    n = trace.layers["vision"][1]["valid_in"].sum(1) - 1
+    kept = trace.layers["vision"][1]["keep"].sum(1)
+    assert kept.tolist() == [math.ceil(k / 2.5) for k in n.tolist()]
+    assert torch.equal(trace.layers["text"][1]["valid_in"], trace.layers["text"][1]["valid_out"])
+
+
+def test_share_threshold_pools_the_batch_skips_padding_and_reads_nothing():
+    v = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    stat = torch.tensor([[5.0, 1.0, 3.0, 99.0], [4.0, 0.5, 2.0, 6.0]])
+    with HostSyncs() as syncs:
+        bar = share_threshold(stat, v, 3 / 7)                              # keep 3 of the 7 valid tokens
+    assert syncs.total == 0, syncs.calls   # indexing with a 0-d tensor would read it (aten::_local_scalar_dense)
+    assert ((stat > bar) & v).int().tolist() == [[1, 0, 0, 0], [1, 0, 0, 1]]
+    assert share_threshold(stat, v, 1.0) == -math.inf                     # ρ = 1 keeps everything
+
+
+def test_host_sync_counter_sees_reads_inside_aten():
+    t, k = torch.arange(5.0), torch.tensor(2)
+    with HostSyncs() as syncs:
+        bool(t.any()), int(t[0]), t.sum().item(), t.tolist(), t.nonzero(), t[t > 2], t.argsort(), t[k]
+    assert syncs.calls == {"aten::_local_scalar_dense": 4, "aten::nonzero": 2, "tolist": 1}
+
+
+def test_search_cuts_spends_the_cut_where_it_costs_least():
+    """Three layers that save the same GFLOPs; the second costs 4 times as much per cut, the third
+    saves nothing. The greedy search reaches the target, cuts the cheap layer deepest and the useless
+    one never."""
+    price, gain = torch.tensor([1.0, 4.0, 1.0]), torch.tensor([0.3, 0.3, 0.0])
+
+    def cost(cuts):
+        w = cuts[0]
+        return float((price * w ** 2).sum()), float((gain * (1 - 2 ** -w)).sum())
+    cuts = search_cuts(cost, [(0, 0), (0, 1), (0, 2)], (1, 3), target=0.4, step=0.25)
+    w = cuts[0]
+    assert cost(cuts)[1] >= 0.4 and cost(cuts - 0.25 * (w > 0))[1] < 0.4   # no further than needed
+    assert w[0] > w[1] > 0 and w[2] == 0
+
+
+def test_positions_follow_the_kept_tokens():
+    model, madtp = tiny_variant("madtp-sample", beta=2.0)
+    _, trace, _ = run(model, madtp, images(3, device="cpu"), *captions([4, 8, 2], device="cpu"))
+    for e in ENCODERS:
+        for pos, r in zip(positions(trace, e), trace.layers[e]):
+            assert (pos[:, 0] == 0).all() and (pos[~r["valid_out"]] == -1).all()    # CLS first; padding -1
+            kept = [sorted(p[p >= 1].tolist()) for p in pos]
+            assert all(p == sorted(set(p)) for p in kept)                  # each original token at most once
+
+
+def test_compare_writes_the_table(tiny_run, tmp_path):
+    shutil.copy(tiny_run / "dense.pt", tmp_path / "dense.pt")
+    arms = ["madtp-static", "cls-dynamic"]
+    compare.main(TINY_RUN + ["--out", str(tmp_path), "--ratios", "0.5", "--prune-steps", "4", "--arms", ",".join(arms),
+                             "--no-timed", "--control"])
+    results = load_json(tmp_path / "results.json")
+    assert {(r["method"], r["target"]) for r in results["summary"]} == \
+        {("dense", 0.0), ("control", 0.0)} | {(m, 0.5) for m in arms}
+    for r in results["summary"]:
+        if r["method"] != "dense":
+            assert abs(r["gflops_reduction"][0] - r["target"]) <= 0.05, r
+    control = torch.load(tmp_path / "seed0" / "control-0.00.pt", weights_only=True)   # fine-tuned, not dense
+    assert control["step"] == 4 and control["pruner"]["counts"] == "fixed"
+    assert (tmp_path / "results.md").read_text().count("\n") == 2 + 2 + len(arms)
+
+
+def test_decomposition_switches_one_thing_at_a_time(tiny_run, tmp_path):
+    rows = dict(decompose.main([str(tiny_run / "madtp-sample-0.50.pt"), "--device", "cpu", "--out", str(tmp_path)]))
+    trained = load_json(tiny_run / "metrics.json")["madtp 50% sample"]
+    assert rows["vision + text + fusion (as trained)"]["r_mean"] == trained["r_mean"]
+    assert abs(rows["none"]["gflops_reduction"]) < 1e-9 < rows["vision"]["gflops_reduction"]
+    fixed = rows["vision at fixed counts"]["kept_tokens"]
+    assert all(sd == 0 for _, sd in fixed["vision"]) and fixed["text"][0][1] > 0
+    truth_first = rows["vision: object patches first, fixed counts"]
+    assert truth_first["kept_tokens"]["vision"] == fixed["vision"]
+    probe = decompose.Truth(MADTPConfig(), TINY, ARMS["madtp-static"], torch.ones(3, 16, dtype=torch.bool))
+    assert "objects" in dict(probe.named_buffers()), "the ground truth must follow the model to its device"
+
+
+def test_ground_truth_measures_and_drawing(tiny_run, tmp_path):
+    masks = [torch.tensor([j < k for j in range(4)]) for k in (1, 2, 3, 4)]
+    kept = (2, 2, 2, 2), (1, 2, 3, 4)   # layer 1 keeps 2 patches each, layer 2 as many as it has objects
+    pos = [[torch.tensor([0] + list(range(1, 1 + kept[l][s])) + [-1]) for l in range(2)] for s in range(4)]
+    assert truth.recall(masks, pos).mean(0).tolist() == pytest.approx([(1 + 1 + 2 / 3 + 1 / 2) / 4, 1.0])
+    m = truth.main([str(tiny_run / "madtp-sample-0.50.pt"), "--device", "cpu", "--out", str(tmp_path)])
+    assert m["object_share"][-1] > m["object_share_all_patches"], "MADTP keeps object patches above their share"
+    assert all(len(m[k]) == 2 for k in ("object_recall", "pearson_r"))   # the tiny preset's vision layers
+    assert (tmp_path / "tokens.png").stat().st_size > 1000
+
+
+def test_reevaluation_matches_the_main_job_and_beta_reprunes(tiny_run, tmp_path):
+    m = evaluate.main([str(tiny_run / "madtp-sample-0.50.pt"), "--device", "cpu", "--out", str(tmp_path)])
+    trained = load_json(tiny_run / "metrics.json")["madtp 50% sample"]
+    assert m["r_mean"] == trained["r_mean"] and m["gflops"] == pytest.approx(trained["gflops"])
+    barely = evaluate.main([str(tiny_run / "madtp-sample-0.50.pt"), "--device", "cpu", "--out", str(tmp_path),
+                            "--beta", "0.001"])
+    assert barely["gflops_reduction"] < m["gflops_reduction"]
+
+
+def test_bench_times_the_tiny_size(tmp_path):
+    rows = bench.main(["--sizes", "tiny", "--device", "cpu", "--out", str(tmp_path), "--batch-size", "8"])
+    assert {r["model"] for r in rows} == {"dense", "sample 50%", "sample 80%", "batch-max 50%", "batch-max 80%"}
+    assert all(r["pairs_per_s"] > 0 and (r["model"] == "dense") == (r["calls_per_pruned_layer"] is None) for r in rows)
+    assert (tmp_path / "bench-cpu.md").exists()
+
+
+def test_the_gpu_check_runs_on_the_cpu_within_twelve_minutes_on_paper(tmp_path):
+    assert sum(gpucheck.TIME_BOX.values()) <= 12 * 60
+    results = gpucheck.main(["--out", str(tmp_path), "--device", "cpu", "--size", "tiny",
+                             "--tests", "test_batch_invariance"])
+    assert all(r["rc"] == 0 for r in results.values()), results
+    for f in ("env.log", "summary.md", "main/metrics.json", "main/tokens.png", "bench/bench-cpu.md"):
+        assert (tmp_path / f).exists(), f
