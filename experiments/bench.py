@@ -1,7 +1,8 @@
-"""Speed apart from training: the dense VLT against MADTP, random weights, over a grid of sizes.
+"""Speed: the dense VLT against MADTP, timed in turns, over a grid of sizes or a main job's models.
 
-    python -m experiments.bench                  # CPU: batch 1 and 64
-    python -m experiments.bench --device cuda    # GPU: batch 1 and 256
+    python -m experiments.bench                              # random weights, CPU: batch 1 and 64
+    python -m experiments.bench --device cuda                # GPU: batch 1 and 256
+    python -m experiments.bench --checkpoints runs/default   # the main job's trained models, its test pairs
 
 For each size (width, vision tokens, depths: from the tiny preset to the gpu preset) a VLT with
 random weights, and a MADTP per count rule at a 50% and an 80% GFLOPs reduction, β calibrated on the
@@ -11,13 +12,15 @@ fused attention kernel in every layer, as a user's would. Prints one table (pair
 dense, the ideal speedup dense GFLOPs / GFLOPs, the share of ideal, on a GPU the model FLOP/s and
 MFU, and how many more aten calls a pruned layer makes than a dense one), where each breaks even, and
 the process's peak RSS; writes bench-<device>.md and .json in --out. --calls also says which
-function of madtp.py and vlt.py makes a pruned layer's aten calls.
+function of madtp.py and vlt.py makes a pruned layer's aten calls. With --checkpoints, the models
+are a main job's dense.pt and madtp-<counts>-<p>.pt, timed on its test pairs.
 """
 
 import collections
 import contextlib
 import resource
 from dataclasses import fields, replace
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,7 +29,8 @@ import data
 import madtp as madtp_module
 import train
 import vlt as vlt_module
-from madtp import COUNTS, ENCODERS, MADTP, MADTPConfig, Trace
+from experiments.common import bench_batches, best_times, load
+from madtp import COUNTS, MADTP, MADTPConfig, Trace
 from vlt import VLT, VLTConfig
 
 MODEL_FIELDS = {f.name for f in fields(VLTConfig)}
@@ -123,35 +127,55 @@ def model_flops(run, models, batches):
     return out
 
 
-def bench(cfg, run, sizes, large, show_calls=False):
-    rows, peak = [], next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(run.device)),
-                          None) if run.device.type == "cuda" else None
+def trained(folder, run):
+    """The models of a main job's --out folder: (models, reductions, its config, test split, tokenizer)."""
+    models, reductions = {}, {}
+    for path in [Path(folder) / "dense.pt"] + sorted(Path(folder).glob("madtp-*.pt")):
+        cfg, model, madtp, tokenizer = load(path, run)
+        name = "dense" if madtp is None else path.stem
+        models[name] = model, madtp
+        reductions[name] = 0.0 if madtp is None else train.load_checkpoint(path)["validation_reduction"]
+    return models, reductions, model.cfg, train.load_splits(cfg, model.cfg, run)["test"], tokenizer
+
+
+def rows_of(cfg, run, size, vcfg, models, reductions, split, tokenizer, large, show_calls, rounds=ROUNDS):
+    """Pairs/s of each model at batch 1 and the large batch, timed in turns, with its speedup over
+    dense, the ideal one, the share of ideal, MFU on a GPU, and its extra aten calls a layer."""
+    peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(run.device)),
+                None) if run.device.type == "cuda" else None
+    one = bench_batches(cfg, run, split, tokenizer, 1, 1)[0]
+    by_function = {name: calls_by_function(model, madtp, one) for name, (model, madtp) in models.items()}
+    calls, rows = {name: sum(counts.values()) for name, counts in by_function.items()}, []
+    layers = vcfg.vision_layers + vcfg.text_layers + vcfg.fusion_layers   # every layer prunes
+    if show_calls:
+        run.log(f"{size}:\n" + calls_table(by_function, layers))
+    for bs in (1, large):
+        batches = bench_batches(cfg, run, split, tokenizer, bs, PAIRS_AT_1 if bs == 1 else bs)
+        run.log(f"{size}: timing at batch {bs}")
+        best, pairs = best_times(run, models, batches, rounds, warmup=1), sum(len(b[0]) for b in batches)
+        flops = model_flops(run, models, batches) if peak and bs == large else {}
+        for name, reduction in reductions.items():
+            speedup, ideal = best["dense"] / best[name], 1 / (1 - reduction)   # dense GFLOPs / GFLOPs
+            rows.append(dict(size=size, tokens=1 + vcfg.num_patches, dim=vcfg.dim,
+                             depths=f"{vcfg.vision_layers}+{vcfg.text_layers}+{vcfg.fusion_layers}",
+                             model=name, batch=bs, reduction=reduction, pairs_per_s=pairs / best[name],
+                             speedup=speedup, ideal=ideal, of_ideal=speedup / ideal,
+                             mfu=flops[name] * pairs / best[name] / peak if name in flops else None,
+                             calls_per_pruned_layer=(calls[name] - calls["dense"]) / layers
+                             if name != "dense" else None))
+    return rows
+
+
+def bench(cfg, run, sizes, large, show_calls=False, rounds=ROUNDS):
+    rows = []
     for size in sizes:
         vcfg = VLTConfig(**SIZES[size])
         split = data.synthetic_splits(2, IMAGES, 2, 2, vcfg.image_size, vcfg.patch_size, seed=0)["val"]
         tokenizer = data.Tokenizer.build(split.captions, vcfg.max_text_len)
         run.log(f"{size}: calibrating {len(COUNTS) * len(RATIOS)} models")
         models, reductions = models_of(size, cfg, run, split, tokenizer)
-        one = train.bench_batches(cfg, run, split, tokenizer, 1, 1)[0]
-        by_function = {name: calls_by_function(model, madtp, one) for name, (model, madtp) in models.items()}
-        calls = {name: sum(counts.values()) for name, counts in by_function.items()}
-        layers = sum(getattr(vcfg, f"{e}_layers") for e in ENCODERS)   # every layer prunes
-        if show_calls:
-            run.log(f"{size}:\n" + calls_table(by_function, layers))
-        for bs in (1, large):
-            batches = train.bench_batches(cfg, run, split, tokenizer, bs, PAIRS_AT_1 if bs == 1 else bs)
-            run.log(f"{size}: timing at batch {bs}")
-            best, pairs = train.best_times(run, models, batches, rounds=ROUNDS, warmup=1), sum(len(b[0]) for b in batches)
-            flops = model_flops(run, models, batches) if peak and bs == large else {}
-            for name, reduction in reductions.items():
-                speedup, ideal = best["dense"] / best[name], 1 / (1 - reduction)   # dense GFLOPs / GFLOPs
-                rows.append(dict(size=size, tokens=1 + vcfg.num_patches, dim=vcfg.dim,
-                                 depths=f"{vcfg.vision_layers}+{vcfg.text_layers}+{vcfg.fusion_layers}",
-                                 model=name, batch=bs, reduction=reduction, pairs_per_s=pairs / best[name],
-                                 speedup=speedup, ideal=ideal, of_ideal=speedup / ideal,
-                                 mfu=flops[name] * pairs / best[name] / peak if name in flops else None,
-                                 calls_per_pruned_layer=(calls[name] - calls["dense"]) / layers if name != "dense"
-                                 else None))
+        vcfg = models["dense"][0].cfg
+        rows += rows_of(cfg, run, size, vcfg, models, reductions, split, tokenizer, large, show_calls, rounds)
     return rows
 
 
@@ -180,6 +204,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="the large batch (default 64 on a CPU, 256 on a GPU)")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--calls", action="store_true", help="also where each pruned layer's aten calls go, by function")
+    p.add_argument("--checkpoints", help="a main job's --out: time its dense.pt and madtp-*.pt instead")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="timed rounds; each model keeps its best")
     args = p.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if not sizes or set(sizes) - set(SIZES):
@@ -187,7 +213,13 @@ def main(argv=None):
     cfg = train.TrainConfig(device=args.device, out=args.out)
     with train.Run(cfg) as run:
         large = args.batch_size or (256 if run.device.type == "cuda" else 64)
-        rows = bench(replace(cfg, eval_batch_size=large), run, sizes, large, args.calls)
+        cfg = replace(cfg, eval_batch_size=large)
+        if args.checkpoints:
+            models, reductions, vcfg, split, tokenizer = trained(args.checkpoints, run)
+            rows = rows_of(cfg, run, Path(args.checkpoints).name, vcfg, models, reductions, split, tokenizer,
+                           large, args.calls, args.rounds)
+        else:
+            rows = bench(cfg, run, sizes, large, args.calls, args.rounds)
         where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else \
             f"CPU, {torch.get_num_threads()} threads"
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KiB

@@ -1,6 +1,9 @@
-"""What the experiments share: a checkpoint restored with the data it was trained on, the original
-position of every token a pruned forward kept, and a count of the host syncs a forward makes."""
+"""What the experiments share: a checkpoint restored with the data it was trained on, models timed
+in turns, the original position of every token a pruned forward kept, and a count of the host
+syncs a forward makes."""
 
+import math
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -9,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 import data
 import train
 from experiments.methods import Options, Variant
-from madtp import MADTP, MADTPConfig
+from madtp import MADTP, MADTPConfig, Trace
 from vlt import VLT, VLTConfig
 
 
@@ -23,35 +26,95 @@ class Restored:
     madtp: MADTP   # None for a dense checkpoint
 
 
-def restore(path, args) -> Restored:
-    """A checkpoint's model (and pruner), on the data it was trained on; args: the flags of
-    evaluation_parser (device, out, eval batch size, coco_root), which replace the saved ones."""
+def load(path, run=None, args=None):
+    """(TrainConfig, model, pruner or None, tokenizer) of a checkpoint, on run's device; args: flags
+    of evaluation_parser (device, out, eval batch size, coco_root), which replace the saved ones."""
     ckpt = train.load_checkpoint(path)
     saved = {k: v for k, v in ckpt["config"]["train"].items() if k in {f.name for f in fields(train.TrainConfig)}}
-    saved.update({k: v for k, v in vars(args).items() if v is not None and k in saved})
-    cfg, vcfg = train.TrainConfig(**saved), VLTConfig(**ckpt["config"]["model"])
-    run = train.Run(cfg)
-    model = VLT(vcfg).to(run.device)
+    saved.update({k: v for k, v in (vars(args) if args else {}).items() if v is not None and k in saved})
+    cfg, vcfg, device = train.TrainConfig(**saved), VLTConfig(**ckpt["config"]["model"]), run.device if run else "cpu"
+    model = VLT(vcfg).to(device)
     model.load_state_dict(ckpt["model"])
     madtp = None
     if "madtp" in ckpt:
-        mcfg = MADTPConfig(**ckpt["config"]["madtp"])
-        spec = ckpt["pruner"]
-        madtp = (Variant(mcfg, vcfg, Options(**spec)) if len(spec) > 1 else MADTP(mcfg, vcfg)).to(run.device)
+        mcfg, spec = MADTPConfig(**ckpt["config"]["madtp"]), ckpt.get("pruner", {})
+        madtp = (Variant(mcfg, vcfg, Options(**spec)) if len(spec) > 1 else MADTP(mcfg, vcfg)).to(device)
         madtp.load_state_dict(ckpt["madtp"])
-    splits = train.load_splits(cfg, vcfg, run)
-    return Restored(cfg, run, splits, data.Tokenizer.from_state_dict(ckpt["tokenizer"]), model.eval(), madtp)
+    return cfg, model.eval(), madtp, data.Tokenizer.from_state_dict(ckpt["tokenizer"])
 
 
-def evaluation_parser(description, prog):
-    """The flags every re-evaluation takes: the checkpoint, and where and how to evaluate it."""
+def restore(path, args) -> Restored:
+    """A checkpoint's model (and pruner) in a Run of its own, on the data it was trained on."""
+    cfg = load(path, args=args)[0]
+    run = train.Run(cfg)
+    cfg, model, madtp, tokenizer = load(path, run, args)
+    return Restored(cfg, run, train.load_splits(cfg, model.cfg, run), tokenizer, model, madtp)
+
+
+def evaluation_parser(description, prog, optional=False):
+    """The flags every re-evaluation takes: the checkpoint (optional: random weights without one),
+    and where and how to evaluate it."""
     p = train.Parser(description=description, prog=prog)
-    p.add_argument("checkpoint", help="a dense.pt or madtp-<counts>-<p>.pt written by train.py")
+    p.add_argument("checkpoint", nargs="?" if optional else None,
+                   help="a dense.pt or madtp-<counts>-<p>.pt written by train.py")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="runs/eval", help="where the results go")
     p.add_argument("--eval-batch-size", type=int, help="as train.py's flag")
     p.add_argument("--coco-root", help="where the COCO images are now, if they moved")
     return p
+
+
+WARMUP_RUNS, TIMING_ROUNDS = 3, 3   # timed passes discarded; rounds of which each model keeps its best
+BENCH_PAIRS = 128                   # pairs timed at batch 1; at the large batch, 4 batches
+
+
+def bench_batches(cfg, run, split, tokenizer, batch_size, n):
+    """n test pairs (at least 4 batches), on the device, each batch cut to its longest caption."""
+    c_of = [c % len(split.captions) for c in range(max(n, 4 * batch_size))]
+    images = torch.stack([split.image(split.txt2img[c]) for c in c_of])
+    ids, valid = tokenizer.encode([split.captions[c] for c in c_of])
+    return [tuple(t.to(run.device) for t in (images[i:i + batch_size], ids[i:i + batch_size, :N],
+                                              valid[i:i + batch_size, :N]))
+            for i in range(0, len(c_of), batch_size) for N in [int(valid[i:i + batch_size].sum(1).max())]]
+
+
+@torch.no_grad()
+def best_times(run, models, batches, rounds=TIMING_ROUNDS, warmup=WARMUP_RUNS):
+    """{name: seconds} of a pass over batches (on the device) for each of models {name: (model,
+    madtp or None)}: the models take turns round after round and each keeps its best round (on a
+    shared machine, the least disturbed), warm-up discarded, the device synchronised."""
+    def forward(model, madtp, batch):
+        with run.autocast():   # the dense model without hooks, as a user would run it
+            return model(*batch, madtp.hooks(Trace()) if madtp is not None else None)
+    def sync():
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+    best = {}
+    for model, madtp in models.values():
+        for b in batches[:warmup]:
+            forward(model.eval(), madtp, b)
+    for _ in range(rounds):
+        for name, (model, madtp) in models.items():
+            sync()
+            start = time.perf_counter()
+            for b in batches:
+                forward(model, madtp, b)
+            sync()
+            best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
+    return best
+
+
+def add_speed(cfg, run, rows, models, split, tokenizer, pairs=BENCH_PAIRS):
+    """Pairs/s of whole pairs (image, caption, fusion) at batch 1 and eval_batch_size, the models
+    timed in turns; speedups over rows["dense"], and the ideal one (dense GFLOPs / GFLOPs)."""
+    for key, bs, n in (("batch1", 1, pairs), ("batch", cfg.eval_batch_size, 0)):
+        batches = bench_batches(cfg, run, split, tokenizer, bs, n)
+        for name, seconds in best_times(run, models, batches).items():
+            rows[name][f"pairs_per_s_{key}"] = sum(len(b[0]) for b in batches) / seconds
+    for m in rows.values():
+        for key in ("batch1", "batch"):
+            m[f"speedup_{key}"] = m[f"pairs_per_s_{key}"] / rows["dense"][f"pairs_per_s_{key}"]
+        m["ideal_speedup"] = rows["dense"]["gflops"] / m["gflops"]
 
 
 def positions(trace, encoder, start=None):

@@ -23,7 +23,8 @@ import torch
 
 import data
 import train
-from experiments.methods import ARMS, variant, search_schedule
+from experiments.common import add_speed
+from experiments.methods import ARMS, search_schedule, variant
 from madtp import ENCODERS
 
 SUMMED = ("gflops_reduction", "gflops", "r_mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
@@ -71,15 +72,18 @@ def sweep(cfg, vcfg, mcfg, run, ratios, seeds, arms, taus, name, schedule, timed
             run.out = base / f"seed{seed}"
             run.out.mkdir(parents=True, exist_ok=True)
             acfg = replace(cfg, seed=seed, prune_ratio=p)
+            # an arm's Options decide its counts: MADTPConfig.counts is held fixed, so that no
+            # checkpoint's identity moves with the main path's default
             model, madtp = (dense, None) if options is None else train.stage_compress(
-                acfg, run, vcfg, replace(mcfg, tau=tau), splits, tokenizer, dense, make=variant(options))
+                acfg, run, vcfg, replace(mcfg, tau=tau, counts="sample"), splits, tokenizer, dense,
+                make=variant(options))
             cache = base / "dense.eval.json" if options is None else run.out / f"{arm}-{p:.2f}.eval.json"
             key = "dense" if options is None else f"{arm} {p:.2f}"
             m = evaluated(acfg, run, splits, tokenizer, model, madtp, cache)
             seed_rows[key], models[key] = dict(m, seed=seed, method=arm, target=p), (model, madtp)
         run.out = base
         if timed:   # timings are taken anew, all models of a seed in turns: every ratio is of one run
-            train.add_speed(cfg, run, seed_rows, models, splits["test"], tokenizer)
+            add_speed(cfg, run, seed_rows, models, splits["test"], tokenizer)
         for m in seed_rows.values():
             m["drop"] = seed_rows["dense"]["r_mean"] - m["r_mean"]
         rows += seed_rows.values()
@@ -150,7 +154,6 @@ def main(argv=None):
     if not all(0 < r < 1 for r in ratios) or set(arms) - set(ARMS) or min(taus) <= 0 or args.prune_ratio:
         train.fail(f"--ratios are reductions in (0, 1), --taus positive and --arms of {', '.join(ARMS)} (not "
                    f"--prune-ratio); got {args.ratios!r}, {args.taus!r} and {args.arms!r}")
-    train.check(args, cfg, vcfg)
     with train.Run(cfg, resume=args.resume) as run:
         if run.distributed:
             train.fail("experiments.compare runs in one process; start it without torchrun")

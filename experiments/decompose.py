@@ -19,7 +19,7 @@ import torch
 
 import train
 from experiments.common import evaluation_parser, positions, restore
-from experiments.methods import ARMS, Options, Variant, share_count
+from experiments.methods import ARMS, Variant, share_count
 from madtp import ENCODERS, top_k_mask
 
 

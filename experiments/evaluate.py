@@ -9,12 +9,13 @@ host syncs of one forward, unpruned and pruned, at batch 1 and at the evaluation
 a GPU, CUDA activity): where pruning saves (addmm, bmm) and what it adds (gather, sort, small ops).
 """
 
+import argparse
 from pathlib import Path
 
 import torch
 
 import train
-from experiments.common import HostSyncs, evaluation_parser, restore
+from experiments.common import HostSyncs, add_speed, bench_batches, best_times, evaluation_parser, restore
 from madtp import Trace
 
 TOP_OPERATORS = 15   # rows of the profiler's table
@@ -24,6 +25,8 @@ def main(argv=None):
     p = evaluation_parser(__doc__.split("\n\n")[0], "python -m experiments.evaluate")
     p.add_argument("--profile", action="store_true", help="where the time goes, per operator")
     p.add_argument("--beta", type=float, help="a compressed checkpoint at this β instead")
+    p.add_argument("--timed", action=argparse.BooleanOptionalAction, default=True,
+                   help="also pairs/s against the same network unpruned")
     args = p.parse_args(argv)
     r = restore(args.checkpoint, args)
     with r.run:
@@ -33,15 +36,17 @@ def main(argv=None):
                            f"{'a dense one' if r.madtp is None else 'this one'}")
             r.madtp.beta.fill_(args.beta)
         m = train.evaluate(r.cfg, r.run, r.model, r.madtp, r.splits["test"], r.tokenizer)
-        rows = dict(dense=dict(gflops=m["gflops"] / (1 - m["gflops_reduction"])), model=m)   # unpruned, for speedups
-        train.add_speed(r.cfg, r.run, rows, dict(dense=(r.model, None), model=(r.model, r.madtp)), r.splits["test"],
-                        r.tokenizer)
+        if args.timed:   # against the same network unpruned
+            rows = dict(dense=dict(gflops=m["gflops"] / (1 - m["gflops_reduction"])), model=m)
+            add_speed(r.cfg, r.run, rows, dict(dense=(r.model, None), model=(r.model, r.madtp)),
+                      r.splits["test"], r.tokenizer)
         if r.madtp is not None:
             m.update(pruner=r.madtp.spec, beta=float(r.madtp.beta), tau=r.madtp.cfg.tau)
         out = r.run.out / f"eval-{Path(args.checkpoint).stem}.json"
+        speed = (f", pairs/s {m['pairs_per_s_batch1']:.0f} at batch 1, {m['pairs_per_s_batch']:.0f} at batch "
+                 f"{r.cfg.eval_batch_size}") if args.timed else ""
         r.run.log(f"{args.checkpoint}: r_mean {m['r_mean']:.2f}, GFLOPs per pair {m['gflops']:.4f} (reduction "
-                  f"{m['gflops_reduction']:.1%}), pairs/s {m['pairs_per_s_batch1']:.0f} at batch 1, "
-                  f"{m['pairs_per_s_batch']:.0f} at batch {r.cfg.eval_batch_size}; writing {out}")
+                  f"{m['gflops_reduction']:.1%}){speed}; writing {out}")
         train.write_json(out, m)
         if args.profile:
             profile(r)
@@ -54,16 +59,16 @@ def profile(r):
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
     models = dict(unpruned=(r.model, None), pruned=(r.model, r.madtp))
     for bs in (1, r.cfg.eval_batch_size):
-        batches = train.bench_batches(r.cfg, run, r.splits["test"], r.tokenizer, bs, 4)
+        batches = bench_batches(r.cfg, run, r.splits["test"], r.tokenizer, bs, 4)
         for name, (model, madtp) in models.items():
-            train.best_times(run, {name: (model, madtp)}, batches, rounds=0)   # the warm-up only
+            best_times(run, {name: (model, madtp)}, batches, rounds=0)   # the warm-up only
             hooks = (lambda: madtp.hooks(Trace())) if madtp is not None else (lambda: None)
             with HostSyncs() as syncs:
                 model(*batches[0], hooks())
             with torch.profiler.profile(activities=activities) as prof:
                 for b in batches:
                     model(*b, hooks())
-                run.sync()
+                torch.cuda.synchronize() if cuda else None
             ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / len(batches)
             run.log(f"\n{name}, batch {bs}: per forward {ops:.0f} aten calls (nested included), {syncs.total} host "
                     f"syncs {syncs.calls}")

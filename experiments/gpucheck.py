@@ -1,26 +1,36 @@
 """One command checks a GPU: the environment, the tests that touch the device, the gpu preset's main
-job, its tokens.png, and the bench at the gpu sizes, each step time-boxed, all in one folder.
+job, its tokens.png, its models' speed, and the bench at the gpu sizes, each step time-boxed, all
+in one folder.
 
     python -m experiments.gpucheck --out gpucheck                       # on a machine with a GPU
     python -m experiments.gpucheck --out /tmp/check --device cpu --size tiny   # the same steps, on a CPU
 
-Each step runs as a subprocess with its own time box (TIME_BOX, seconds: 12 minutes in all) and writes
-<step>.log; a step that runs out of time is stopped and the next one runs. summary.md lists every
+Each step runs in a process of its own, forked from this one with torch already imported (a
+fresh interpreter would spend seconds importing it again; so start this command in a fresh
+process: a fork of one that has run OpenMP can hang), within its time box (TIME_BOX, seconds:
+12 minutes in all), and writes <step>.log; a step that runs out of time is stopped and the next one runs. summary.md lists every
 step's exit code and wall time; the main job leaves main/metrics.json and main/train.log, the truth
-step main/tokens.png, the bench bench/bench-<device>.md and .json.
+step main/tokens.png, the speed step (the main job's models, timed in turns on its test pairs)
+speed/bench-<device>.md, the bench (random weights) bench/bench-<device>.md and .json.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
-import subprocess
+import runpy
+import signal
 import sys
 import time
 from pathlib import Path
 
+import train   # noqa: F401  (imported here so that every step's process starts with torch loaded)
+
+ROOT = Path(__file__).parent.parent
+
 # seconds of device time per step; the main job is the gpu preset's (a review estimated 3 to 7
-# minutes on an H200, with both count rules), the bench two sizes at batch 1 and 256
-TIME_BOX = dict(env=30, tests=120, main=420, truth=30, bench=120)
+# minutes on an H200), the bench two sizes at batch 1 and 256
+TIME_BOX = dict(env=15, tests=90, main=420, truth=30, speed=45, bench=120)
 # --size tiny: a smoke run of every step, so that the script works before any GPU sees it
 QUICK = ["--dense-steps", "20", "--prune-steps", "8", "--num-train", "100", "--num-val", "20", "--num-test", "20"]
 ENV_REPORT = ("import torch, torchvision, platform; c = torch.cuda.is_available(); "
@@ -34,15 +44,18 @@ def steps(out, device, size, tests):
     """(name, command, environment additions) of each step."""
     py, main = sys.executable, out / "main"
     preset = ["--preset", "gpu"] if size == "gpu" else ["--preset", "tiny"] + QUICK
-    sizes = ["--sizes", "gpu-65,gpu"] + ["--batch-size", "256"] * (device == "cuda") if size == "gpu" else \
-        ["--sizes", "tiny", "--batch-size", "8"]
+    large = ["--batch-size", "256"] * (device == "cuda") if size == "gpu" else ["--batch-size", "8", "--rounds", "1"]
+    sizes = ["--sizes", "gpu-65,gpu" if size == "gpu" else "tiny"]
     checkpoint = main / f"madtp-sample-{0.5:.2f}.pt"
     return [("env", [py, "-c", ENV_REPORT], {}),
             ("tests", [py, "-m", "pytest", "-q", "-x", "-m", "device", "-k", tests, "-p", "no:cacheprovider"],
              dict(MADTP_TEST_DEVICE=device)),
             ("main", [py, "train.py", *preset, "--device", device, "--out", str(main)], {}),
             ("truth", [py, "-m", "experiments.truth", str(checkpoint), "--device", device, "--out", str(main)], {}),
-            ("bench", [py, "-m", "experiments.bench", *sizes, "--device", device, "--out", str(out / "bench")], {})]
+            ("speed", [py, "-m", "experiments.bench", "--checkpoints", str(main), *large, "--device", device,
+                       "--out", str(out / "speed")], {}),
+            ("bench", [py, "-m", "experiments.bench", *sizes, *large, "--device", device, "--out",
+                       str(out / "bench")], {})]
 
 
 def run_step(name, command, env, box, out):
@@ -51,12 +64,31 @@ def run_step(name, command, env, box, out):
     with open(out / f"{name}.log", "w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        try:
-            rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=box,
-                                env=dict(os.environ, **env), cwd=Path(__file__).parent.parent).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+        child = multiprocessing.get_context("fork").Process(target=step, args=(command, env, log.fileno()))
+        child.start()
+        child.join(box)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        rc = "timeout" if child.exitcode == -signal.SIGKILL else child.exitcode
     return rc, time.perf_counter() - start
+
+
+def step(command, env, fd):
+    """The child: output to the log, the step's environment, then the command as python would run it
+    (-c code, -m module, or a script)."""
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.update(env)
+    os.chdir(ROOT)
+    if command[1] == "-c":
+        exec(command[2], {})
+    elif command[1] == "-m":
+        sys.argv = [command[2], *command[3:]]
+        runpy.run_module(command[2], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = command[1:]
+        runpy.run_path(command[1], run_name="__main__")
 
 
 def main(argv=None):

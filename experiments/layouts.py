@@ -13,14 +13,13 @@ layouts.json in --out. docs/speed.md, "Padded or packed".
 """
 
 import contextlib
-from pathlib import Path
 
 import torch
 
 import data
 import train
 import vlt
-from experiments.common import evaluation_parser, restore
+from experiments.common import bench_batches, best_times, evaluation_parser, restore
 from madtp import MADTP, MADTPConfig, Trace
 
 ROUNDS = 5
@@ -70,7 +69,7 @@ def layout(name):
 def measure(cfg, run, model, madtp, split, tokenizer):
     rows = {}
     for bs in (1, 64):
-        batches = train.bench_batches(cfg, run, split, tokenizer, bs, 32 if bs == 1 else 4 * bs)
+        batches = bench_batches(cfg, run, split, tokenizer, bs, 32 if bs == 1 else 4 * bs)
         trace = Trace()
         model(*batches[-1], madtp.hooks(trace))
         share = [round(r["valid_out"].float().mean().item(), 2) for r in trace.layers["vision"]]
@@ -78,7 +77,7 @@ def measure(cfg, run, model, madtp, split, tokenizer):
         for _ in range(ROUNDS):
             for name in ("dense", "padded", "packed MLP", "packed"):
                 with layout(name):
-                    best[name] = min(best.get(name, float("inf")), train.best_times(
+                    best[name] = min(best.get(name, float("inf")), best_times(
                         run, {name: (model, None if name == "dense" else madtp)}, batches, rounds=1, warmup=1)[name])
         rows[bs] = dict(real_share_vision=share, **{k: best["dense"] / v for k, v in best.items()})
         run.log(f"batch {bs}: real tokens per slot, vision layers {share}; over dense: " +
@@ -87,9 +86,8 @@ def measure(cfg, run, model, madtp, split, tokenizer):
 
 
 def main(argv=None):
-    p = evaluation_parser(__doc__.split("\n\n")[0], "python -m experiments.layouts")
+    p = evaluation_parser(__doc__.split("\n\n")[0], "python -m experiments.layouts", optional=True)
     p.set_defaults(out="runs/layouts")
-    p._actions[[a.dest for a in p._actions].index("checkpoint")].nargs = "?"
     args = p.parse_args(argv)
     if args.checkpoint:
         r = restore(args.checkpoint, args)
@@ -100,7 +98,7 @@ def main(argv=None):
         tokenizer = data.Tokenizer.build(split.captions, vlt.VLTConfig.max_text_len)
         torch.manual_seed(0)
         model = vlt.VLT(vlt.VLTConfig(vocab_size=len(tokenizer))).eval()
-        madtp = MADTP(MADTPConfig(), model.cfg)
+        madtp = MADTP(MADTPConfig(counts="sample"), model.cfg)
         madtp.beta.fill_(train.BETA_INIT)
         train.calibrate(cfg, run, model, madtp, split, tokenizer)
     with run:

@@ -2,27 +2,29 @@
 decomposition, the ground truth, re-evaluation, the benchmark and the GPU check, on tiny configs on
 the CPU. Collected by the README's `pytest` with test_madtp.py."""
 
-import json
+import contextlib
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
-import train
-from experiments import bench, compare, decompose, evaluate, gpucheck, truth
-from experiments.common import HostSyncs, positions
+from experiments import compare, decompose, evaluate, gpucheck, truth
+from experiments.common import HostSyncs, best_times, positions
 from experiments.methods import ARMS, Options, Variant, search_cuts, share_threshold
-from madtp import ENCODERS, MADTPConfig, Trace
-from test_madtp import TINY, TINY_RUN, captions, images, load_json, run, tiny_main_job
+from madtp import ENCODERS, MADTPConfig
+from vlt import VLT
+from test_madtp import TINY, TINY_RUN, captions, images, load_json, run, tiny_main_job, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 
 def tiny_variant(arm, beta=1.0, **changes):
     torch.manual_seed(0)
-    from vlt import VLT
     options = Options(**dict(vars(ARMS[arm]), **changes))
     madtp = Variant(MADTPConfig(num_align_tokens=8), TINY, options)
     madtp.beta.fill_(beta)
@@ -66,7 +68,6 @@ def test_the_batch_invariant_arms_are(arm):
 
 def test_the_madtp_arms_are_the_main_path():
     """Through the seam, madtp-sample decides exactly as madtp.MADTP does."""
-    from test_madtp import tiny_model
     (model, main), (_, arm) = tiny_model(device="cpu"), tiny_variant("madtp-sample")
     arm.load_state_dict(main.state_dict(), strict=False)
     imgs, (ids, valid) = images(3, device="cpu"), captions([4, 9, 2], device="cpu")
@@ -171,25 +172,48 @@ def test_ground_truth_measures_and_drawing(tiny_run, tmp_path):
 
 
 def test_reevaluation_matches_the_main_job_and_beta_reprunes(tiny_run, tmp_path):
-    m = evaluate.main([str(tiny_run / "madtp-sample-0.50.pt"), "--device", "cpu", "--out", str(tmp_path)])
+    m = evaluate.main([str(tiny_run / "madtp-sample-0.50.pt"), "--device", "cpu", "--out", str(tmp_path), "--timed"])
+    assert m["pairs_per_s_batch1"] > 0
     trained = load_json(tiny_run / "metrics.json")["madtp 50% sample"]
     assert m["r_mean"] == trained["r_mean"] and m["gflops"] == pytest.approx(trained["gflops"])
     barely = evaluate.main([str(tiny_run / "madtp-sample-0.50.pt"), "--device", "cpu", "--out", str(tmp_path),
-                            "--beta", "0.001"])
+                            "--beta", "0.001", "--no-timed"])
     assert barely["gflops_reduction"] < m["gflops_reduction"]
 
 
-def test_bench_times_the_tiny_size(tmp_path):
-    rows = bench.main(["--sizes", "tiny", "--device", "cpu", "--out", str(tmp_path), "--batch-size", "8"])
-    assert {r["model"] for r in rows} == {"dense", "sample 50%", "sample 80%", "batch-max 50%", "batch-max 80%"}
-    assert all(r["pairs_per_s"] > 0 and (r["model"] == "dense") == (r["calls_per_pruned_layer"] is None) for r in rows)
-    assert (tmp_path / "bench-cpu.md").exists()
+def test_timing_copies_nothing_inside_the_timed_rounds():
+    """best_times takes batches already on the device: no copy to a device in the timed region."""
+    class Copies(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            to_device = getattr(func, "__name__", "") in ("to", "cuda", "pin_memory") and any(
+                isinstance(a, (torch.device, str)) for a in (*args[1:], *(kwargs or {}).values()))
+            Copies.n += to_device
+            return func(*args, **(kwargs or {}))
+    model, madtp = tiny_model(device="cpu")
+    batches = [(images(2, device="cpu"), *captions([3, 5], device="cpu"))]
+    with Copies():
+        best_times(type("Run", (), dict(autocast=contextlib.nullcontext, device=torch.device("cpu")))(),
+                   dict(dense=(model, None), pruned=(model, madtp)), batches, rounds=1, warmup=0)
+    assert Copies.n == 0
 
 
 def test_the_gpu_check_runs_on_the_cpu_within_twelve_minutes_on_paper(tmp_path):
     assert sum(gpucheck.TIME_BOX.values()) <= 12 * 60
-    results = gpucheck.main(["--out", str(tmp_path), "--device", "cpu", "--size", "tiny",
-                             "--tests", "test_batch_invariance"])
+    # a process of its own, as a user starts it: gpucheck forks its steps, and a fork of this
+    # process, which has run OpenMP, can hang
+    subprocess.run([sys.executable, "-m", "experiments.gpucheck", "--out", str(tmp_path), "--device", "cpu",
+                    "--size", "tiny", "--tests", "test_batch_invariance"], cwd=Path(__file__).parent.parent,
+                   check=True, timeout=300)
+    results = load_json(tmp_path / "summary.json")
     assert all(r["rc"] == 0 for r in results.values()), results
-    for f in ("env.log", "summary.md", "main/metrics.json", "main/tokens.png", "bench/bench-cpu.md"):
+    for f in ("env.log", "summary.md", "main/metrics.json", "main/tokens.png", "speed/bench-cpu.md",
+              "bench/bench-cpu.md"):
         assert (tmp_path / f).exists(), f
+    rows = load_json(tmp_path / "bench" / "bench-cpu.json")["rows"]   # the bench: every model, both batches
+    assert {(r["model"], r["batch"]) for r in rows} == {(m, b) for m in ("dense", "sample 50%", "sample 80%",
+                                                                           "batch-max 50%", "batch-max 80%")
+                                                        for b in (1, 8)}
+    assert all(r["pairs_per_s"] > 0 and (r["model"] == "dense") == (r["calls_per_pruned_layer"] is None)
+               for r in rows)
