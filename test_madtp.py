@@ -734,10 +734,15 @@ def test_tiny_main_job_end_to_end(tiny_run):
     assert {"T", "beta"} == set(ckpt["madtp"]) and ckpt["madtp"]["beta"] > 0
 
 
-def test_flags_are_the_configs_fields_and_few():
-    """One definition per knob: every config field is a flag (but the fixed ones), its comment the help."""
+def test_flags_are_the_configs_fields_and_few(capsys):
+    """One definition per knob: every config field is a flag (but the fixed ones), its comment the
+    help, and --help prints them all."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    printed = set(re.findall(r"^  (--[\w-]+)", capsys.readouterr().out, re.M)) - {"--help"}
     p = train.parser()
     flags = {a.dest for a in p._actions} - {"help"}
+    assert e.value.code == 0 and printed == {a.option_strings[0] for a in p._actions} - {"-h"}
     for cls in (train.TrainConfig, VLTConfig, MADTPConfig):
         for f in fields(cls):
             assert (f.name in flags) == (f.name not in train.NOT_FLAGS), f.name

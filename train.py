@@ -156,7 +156,8 @@ def parser(description=__doc__.split("\n\n")[0], prog="train.py"):
         for f in (f for f in fields(cls) if f.name not in NOT_FLAGS):
             kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else \
                 dict(type=f.type)
-            p.add_argument(flag(f.name), choices=CHOICES.get(f.name), help=helps[f.name], **kind)
+            p.add_argument(flag(f.name), choices=CHOICES.get(f.name), help=helps[f.name].replace("%", "%%"),
+                           **kind)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     return p
 
