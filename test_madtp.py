@@ -4,6 +4,7 @@
 ../shared/coco-mini skip when it is absent. MADTP_TEST_DEVICE=cuda runs the tests marked `device`
 on a GPU (experiments.gpucheck does)."""
 
+import ast
 import contextlib
 import functools
 import http.server
@@ -138,6 +139,9 @@ def test_batch_max_prunes_nothing_where_its_guards_say_so():
     assert batch_max(S, v & (torch.arange(6) < 5), v).all()                          # n - K = 1
     three = batch_max(S, torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]).bool(), v)
     assert three.sum(dim=1).tolist() == [3, 3] and torch.equal(three, S.argsort(1, descending=True).argsort(1) < 3)
+    tied = torch.tensor([[0.5, 0.4, 0.4, 0.1, 0.0, 0.0], [0.3, 0.1, 0.2, 0.2, 0.2, 0.0]])   # ties at the 2nd
+    two = batch_max(tied, torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]).bool(), v & (tied > 0))
+    assert two.tolist() == [[1, 1, 1, 0, 0, 0], [1, 0, 1, 1, 1, 0]]                          # padding never
 
 
 def test_prune_tokens_keeps_cls_and_the_kept_in_order_then_x_fuse():
@@ -233,6 +237,19 @@ def test_a_forward_reads_the_device_once_per_pruned_layer(counts):
         model(imgs, ids, valid, madtp.hooks(Trace()))
     layers = TINY.vision_layers + TINY.text_layers + TINY.fusion_layers
     assert pruned.calls == {"tolist": layers}, pruned.calls
+
+
+
+def test_the_readme_example_runs_and_prunes(capsys):
+    """The README's Python example, the first code a reader copies, runs as printed: each image
+    keeps fewer tokens layer after layer, and the GFLOPs come out per pair and encoder."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    code = readme.split("```python\n")[1].split("```")[0]
+    exec(compile(code, "README.md", "exec"), {})
+    counts, costs = capsys.readouterr().out.splitlines()[-2:]
+    for image in json.loads(counts):
+        assert image == sorted(image, reverse=True) and image[-1] < image[0]
+    assert set(ast.literal_eval(costs)) == set(ENCODERS)
 
 
 # --- the model and its seam with the method: padding, attention, gradients (vlt.py) -----------

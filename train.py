@@ -368,9 +368,8 @@ def move_beta(run, objective, trace, batch, image_of_pair, goal):
 def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ckpt, path,
                 target=None, validate=None):
     """The loop both stages share: AdamW; a checkpoint every save_every steps and after the step in
-    progress on SIGINT or SIGTERM; no update from a non-finite loss or gradient; in stage 2, β
-    moved after every step toward the GFLOPs target ramped from 0 to p; with validate (-> r_mean),
-    a validation line every val_every steps."""
+    progress on SIGINT or SIGTERM; no update from a non-finite loss or gradient; in stage 2, β moved
+    each step toward the GFLOPs target ramped from 0 to p; validate (-> r_mean) every val_every."""
     params = [p for p in objective.parameters() if p.requires_grad]
     opt, step = torch.optim.AdamW(params, lr=peak_lr, weight_decay=WEIGHT_DECAY), ckpt.get("step", 0)
     if "optimizer" in ckpt:
@@ -383,9 +382,7 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
     objective.train()
     run.deferring = True   # a signal now waits for the step in progress
     while step < steps and not run.stopping():
-        batch = next(batches)
-        objective.model.check_inputs(batch["images"], batch["ids"], batch["valid"])   # CPU: no sync
-        batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+        batch = next_batch(run, batches, objective.model)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak_lr)
         with run.autocast():
@@ -396,10 +393,7 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
         finite, loss, norm = finite_everywhere(run, loss, norm)
         if not finite:
             bar.close()
-            what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm}"
-            kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written"
-            run.fail(f"{what} at step {step} of stage {name}; {kept}. Lower the learning rate (--lr, "
-                     "--prune-lr) and start again", code=3)
+            fail_non_finite(run, loss, norm, step, name, path)
         opt.step()
         step += 1
         post = {k: f"{v.item():.3f}" for k, v in parts.items()}
@@ -411,8 +405,7 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
         if step % TRIM_EVERY == 0:
             release_memory()
         if validate is not None and cfg.val_every and (step % cfg.val_every == 0 or step == steps):
-            with torch.random.fork_rng(devices=[run.device] * (run.device.type == "cuda")):
-                run.log(f"{name} step {step}: validation r_mean {validate():.1f}")   # its own draws
+            log_validation(run, name, step, validate)
             objective.train()
         if step % cfg.save_every == 0 or step == steps or run.stop is not None:
             save_state(run, path, ckpt, objective, opt, step)
@@ -422,6 +415,27 @@ def train_stage(cfg, run, name, objective, steps, peak_lr, splits, tokenizer, ck
         stop = signal.Signals(run.stop or signal.SIGTERM)
         run.fail(f"{stop.name} at step {step} of {name}; saved {path}. Continue with the same "
                  "command and --resume.", code=128 + stop)
+
+
+def next_batch(run, batches, model):
+    """The next training batch, its inputs checked on the CPU (no host sync), on the device."""
+    batch = next(batches)
+    model.check_inputs(batch["images"], batch["ids"], batch["valid"])
+    return {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+
+
+def log_validation(run, name, step, validate):
+    """validate() draws from its own random state, so that validating leaves training's alone."""
+    with torch.random.fork_rng(devices=[run.device] * (run.device.type == "cuda")):
+        run.log(f"{name} step {step}: validation r_mean {validate():.1f}")
+
+
+def fail_non_finite(run, loss, norm, step, name, path):
+    """A non-finite loss or gradient ends the run (exit 3), the last good checkpoint kept."""
+    what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {norm}"
+    kept = f"the last good checkpoint is {path}" if path.exists() else "no checkpoint was written"
+    run.fail(f"{what} at step {step} of stage {name}; {kept}. Lower the learning rate (--lr, "
+             "--prune-lr) and start again", code=3)
 
 
 def restore_rng(run, ckpt):

@@ -14,10 +14,12 @@ Attention runs PyTorch's fused kernel wherever nobody reads its weights; a prune
 The stream is a padded batch (B, N, D) with a mask: per-sample pruning leaves each sample its own
 count, and the batch shrinks to its longest sample. Attention masks the padding with one additive
 bias; the MLP, most of a layer's work, runs on the real tokens only. Measured at the default
-preset's sizes on the CPU, MADTP 50% against the dense model at batch 64: 0.82x fully padded, 1.01x
-fully packed (every projection on the real tokens, FlashAttention's "unpad" layout, this project's
-earlier one), 1.02x so; at batch 1, where nothing is padded, all alike (docs/speed.md, "Padded or
-packed"). The one number a pruned layer reads on the host is its longest output sample.
+preset's sizes on the CPU (python -m experiments.layouts), the trained per-sample MADTP 50% against
+the dense model at batch 64: 0.87x fully padded, 1.05x fully packed (every projection on the real
+tokens, FlashAttention's "unpad" layout, this project's earlier one), 1.08x so; under the batch
+maximum, where nothing is padded, 1.61x, 1.70x and 1.50x (random weights); at batch 1 all alike
+(docs/speed.md, "Padded or packed"). A pruned layer reads one number on the host: its longest
+output sample, which sets the padded width.
 
 Shapes: B batch, N tokens (0 is CLS), D width, H heads, d = D / H, R real tokens of a batch.
 """

@@ -29,7 +29,7 @@ import data
 import madtp as madtp_module
 import train
 import vlt as vlt_module
-from experiments.common import bench_batches, best_times, load
+from experiments.common import bench_batches, best_times, load, unfinished
 from madtp import COUNTS, MADTP, MADTPConfig, Trace
 from vlt import VLT, VLTConfig
 
@@ -131,6 +131,9 @@ def trained(folder, run):
     """The models of a main job's --out folder: (models, reductions, its config, test split, tokenizer)."""
     models, reductions = {}, {}
     for path in [Path(folder) / "dense.pt"] + sorted(Path(folder).glob("madtp-*.pt")):
+        if path.name != "dense.pt" and unfinished(train.load_checkpoint(path)):
+            run.log(f"skipping {path}: saved mid-training (a main job stopped early)")
+            continue
         cfg, model, madtp, tokenizer = load(path, run)
         name = "dense" if madtp is None else path.stem
         models[name] = model, madtp

@@ -26,10 +26,19 @@ class Restored:
     madtp: MADTP   # None for a dense checkpoint
 
 
+def unfinished(ckpt):
+    """Whether a checkpoint was saved mid-stage (a dense model before its last step, a compressed one
+    before β's calibration): a main job stopped early leaves one."""
+    return not ckpt.get("calibrated") if "madtp" in ckpt else ckpt["step"] < ckpt["config"]["train"]["dense_steps"]
+
+
 def load(path, run=None, args=None):
     """(TrainConfig, model, pruner or None, tokenizer) of a checkpoint, on run's device; args: flags
     of evaluation_parser (device, out, eval batch size, coco_root), which replace the saved ones."""
     ckpt = train.load_checkpoint(path)
+    if unfinished(ckpt):
+        train.fail(f"{path} was saved mid-training (step {ckpt['step']}); finish it first: train.py with "
+                   "the same flags resumes it (--resume)")
     saved = {k: v for k, v in ckpt["config"]["train"].items() if k in {f.name for f in fields(train.TrainConfig)}}
     saved.update({k: v for k, v in (vars(args) if args else {}).items() if v is not None and k in saved})
     cfg, vcfg, device = train.TrainConfig(**saved), VLTConfig(**ckpt["config"]["model"]), run.device if run else "cpu"

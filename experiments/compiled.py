@@ -1,6 +1,7 @@
 """--compile on this machine: the dense model and MADTP, eager against compiled, in turns.
 
     python -m experiments.compiled                                     # random weights, default size
+    python -m experiments.compiled --device cuda --size gpu            # random weights, the gpu preset's
     python -m experiments.compiled runs/default/madtp-sample-0.50.pt   # a trained model, its test pairs
 
 train.py --compile compiles the two halves of a block (vlt.compile_blocks) and the pruned layer's
@@ -19,6 +20,7 @@ import data
 import madtp as madtp_module
 import train
 import vlt
+from experiments.bench import IMAGES, SIZES
 from experiments.common import bench_batches, best_times, evaluation_parser, restore
 from madtp import MADTP, MADTPConfig
 
@@ -34,18 +36,24 @@ def switch(compiled):
 
 def main(argv=None):
     p = evaluation_parser(__doc__.split("\n\n")[0], "python -m experiments.compiled", optional=True)
+    p.add_argument("--size", choices=tuple(SIZES), default="default", help="as experiments.bench's, random weights")
     p.set_defaults(out="runs/compiled")
     args = p.parse_args(argv)
     if args.checkpoint:
         r = restore(args.checkpoint, args)
         cfg, run, model, madtp, split, tokenizer = r.cfg, r.run, r.model, r.madtp, r.splits["test"], r.tokenizer
-    else:   # random weights at the default size, β calibrated to 50% on synthetic scenes, as experiments.bench
-        cfg = train.TrainConfig(device=args.device, out=args.out, eval_batch_size=64, prune_ratio=0.5)
-        run, split = train.Run(cfg), data.synthetic_splits(2, 64, 2)["val"]
-        tokenizer = data.Tokenizer.build(split.captions, vlt.VLTConfig.max_text_len)
+    else:   # random weights, β calibrated to 50% on synthetic scenes, as experiments.bench
+        gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        cfg = train.TrainConfig(device=args.device, out=args.out, prune_ratio=0.5,
+                                eval_batch_size=args.eval_batch_size or (256 if gpu else 64))
+        vcfg = vlt.VLTConfig(**SIZES[args.size])
+        run, split = train.Run(cfg), data.synthetic_splits(2, IMAGES, 2, image_size=vcfg.image_size,
+                                                            patch_size=vcfg.patch_size)["val"]
+        tokenizer = data.Tokenizer.build(split.captions, vcfg.max_text_len)
         torch.manual_seed(0)
-        model = vlt.VLT(vlt.VLTConfig(vocab_size=len(tokenizer))).eval()
-        madtp = MADTP(MADTPConfig(counts="sample"), model.cfg)
+        model = vlt.VLT(vlt.VLTConfig(**SIZES[args.size], vocab_size=len(tokenizer))).to(run.device).eval()
+        M = train.PRESETS["gpu"]["num_align_tokens"] if args.size.startswith("gpu") else MADTPConfig.num_align_tokens
+        madtp = MADTP(MADTPConfig(counts="sample", num_align_tokens=M), model.cfg).to(run.device)
         madtp.beta.fill_(train.BETA_INIT)
         train.calibrate(cfg, run, model, madtp, split, tokenizer)
     models = dict(dense=(model, None), madtp=(model, madtp.eval()))

@@ -63,9 +63,9 @@ def profile(r):
         for name, (model, madtp) in models.items():
             best_times(run, {name: (model, madtp)}, batches, rounds=0)   # the warm-up only
             hooks = (lambda: madtp.hooks(Trace())) if madtp is not None else (lambda: None)
-            with HostSyncs() as syncs:
+            with HostSyncs() as syncs, run.autocast():
                 model(*batches[0], hooks())
-            with torch.profiler.profile(activities=activities) as prof:
+            with torch.profiler.profile(activities=activities) as prof, run.autocast():
                 for b in batches:
                     model(*b, hooks())
                 torch.cuda.synchronize() if cuda else None
