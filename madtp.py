@@ -138,12 +138,6 @@ def keep_mask(S, theta, beta):
     return S > beta * theta.view(-1, 1)
 
 
-def top_k_mask(S, v, k):
-    """Each sample's k highest-scoring valid tokens (k a tensor, () or (B,)). (B, n) bool"""
-    rank = torch.where(v, S, -1.0).argsort(dim=1, descending=True).argsort(dim=1)   # (B, n)
-    return (rank < k[..., None]) & v
-
-
 def batch_max(S, keep, v):
     """The official count rule (its Reduce_token): every sample keeps its K highest-scoring tokens,
     K the largest count `keep` gives any sample of the batch; the layer prunes nothing where K < 1

@@ -50,7 +50,7 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H20
                    "L40S": 362e12, "L4": 121e12}
 # what a pruned layer's aten calls are attributed to (--calls)
 TRACED = {madtp_module: "mag_logits concept_attention normalise cls_score self_score mag_score importance "
-                        "threshold keep_mask top_k_mask batch_max prune_tokens", vlt_module: "seq_of",
+                        "threshold keep_mask batch_max prune_tokens", vlt_module: "seq_of",
           MADTP: "prune_layer decide", vlt_module.Attention: "forward"}
 
 
@@ -131,13 +131,14 @@ def trained(folder, run):
     """The models of a main job's --out folder: (models, reductions, its config, test split, tokenizer)."""
     models, reductions = {}, {}
     for path in [Path(folder) / "dense.pt"] + sorted(Path(folder).glob("madtp-*.pt")):
-        if path.name != "dense.pt" and unfinished(train.load_checkpoint(path)):
+        ckpt = train.load_checkpoint(path)   # read once: hundreds of MB at the gpu preset
+        if path.name != "dense.pt" and unfinished(ckpt):
             run.log(f"skipping {path}: saved mid-training (a main job stopped early)")
             continue
-        cfg, model, madtp, tokenizer = load(path, run)
+        cfg, model, madtp, tokenizer = load(path, run, ckpt=ckpt)
         name = "dense" if madtp is None else path.stem
         models[name] = model, madtp
-        reductions[name] = 0.0 if madtp is None else train.load_checkpoint(path)["validation_reduction"]
+        reductions[name] = 0.0 if madtp is None else ckpt["validation_reduction"]
     return models, reductions, model.cfg, train.load_splits(cfg, model.cfg, run)["test"], tokenizer
 
 

@@ -32,16 +32,22 @@ def unfinished(ckpt):
     return not ckpt.get("calibrated") if "madtp" in ckpt else ckpt["step"] < ckpt["config"]["train"]["dense_steps"]
 
 
-def load(path, run=None, args=None):
-    """(TrainConfig, model, pruner or None, tokenizer) of a checkpoint, on run's device; args: flags
-    of evaluation_parser (device, out, eval batch size, coco_root), which replace the saved ones."""
-    ckpt = train.load_checkpoint(path)
+def saved_config(ckpt, args=None):
+    """The TrainConfig a checkpoint was trained with; args: flags of evaluation_parser (device, out,
+    eval batch size, coco_root), which replace the saved ones."""
+    saved = {k: v for k, v in ckpt["config"]["train"].items() if k in {f.name for f in fields(train.TrainConfig)}}
+    saved.update({k: v for k, v in (vars(args) if args else {}).items() if v is not None and k in saved})
+    return train.TrainConfig(**saved)
+
+
+def load(path, run=None, args=None, ckpt=None):
+    """(TrainConfig, model, pruner or None, tokenizer) of a checkpoint, on run's device; ckpt: the
+    checkpoint already read from path, so that a large one is read once."""
+    ckpt = train.load_checkpoint(path) if ckpt is None else ckpt
     if unfinished(ckpt):
         train.fail(f"{path} was saved mid-training (step {ckpt['step']}); finish it first: train.py with "
                    "the same flags resumes it (--resume)")
-    saved = {k: v for k, v in ckpt["config"]["train"].items() if k in {f.name for f in fields(train.TrainConfig)}}
-    saved.update({k: v for k, v in (vars(args) if args else {}).items() if v is not None and k in saved})
-    cfg, vcfg, device = train.TrainConfig(**saved), VLTConfig(**ckpt["config"]["model"]), run.device if run else "cpu"
+    cfg, vcfg, device = saved_config(ckpt, args), VLTConfig(**ckpt["config"]["model"]), run.device if run else "cpu"
     model = VLT(vcfg).to(device)
     model.load_state_dict(ckpt["model"])
     madtp = None
@@ -54,9 +60,9 @@ def load(path, run=None, args=None):
 
 def restore(path, args) -> Restored:
     """A checkpoint's model (and pruner) in a Run of its own, on the data it was trained on."""
-    cfg = load(path, args=args)[0]
-    run = train.Run(cfg)
-    cfg, model, madtp, tokenizer = load(path, run, args)
+    ckpt = train.load_checkpoint(path)
+    run = train.Run(saved_config(ckpt, args))
+    cfg, model, madtp, tokenizer = load(path, run, args, ckpt)
     return Restored(cfg, run, train.load_splits(cfg, model.cfg, run), tokenizer, model, madtp)
 
 

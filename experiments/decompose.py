@@ -19,8 +19,8 @@ import torch
 
 import train
 from experiments.common import evaluation_parser, positions, restore
-from experiments.methods import ARMS, Variant, share_count
-from madtp import ENCODERS, top_k_mask
+from experiments.methods import ARMS, Variant, share_count, top_k_mask
+from madtp import ENCODERS
 
 
 class Truth(Variant):

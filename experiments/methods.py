@@ -25,8 +25,7 @@ from tqdm import tqdm
 
 import train
 from madtp import (ENCODERS, MADTP, Trace, batch_max, cls_score, concept_attention, concept_features, importance,
-                   keep_mask, mag_logits, mag_score, normalise, realised_reduction, self_score, threshold,
-                   top_k_mask)
+                   keep_mask, mag_logits, mag_score, normalise, realised_reduction, self_score, threshold)
 from vlt import PruneHook, full_precision, task_loss
 
 SCORES = ("S", "S_cls+S_self", "S_cls", "random")
@@ -60,6 +59,13 @@ ARMS = {
     "cls-dynamic": Options("cls-dynamic", score="S_cls"),
     "random": Options("random", score="random"),
 }
+
+
+def top_k_mask(S, v, k):
+    """Each sample's k highest-scoring valid tokens (k a tensor, () or (B,)): the fixed-count
+    arms' rule. (B, n) bool"""
+    rank = torch.where(v, S, -1.0).argsort(dim=1, descending=True).argsort(dim=1)   # (B, n)
+    return (rank < k[..., None]) & v
 
 
 def variant(options: Options):
