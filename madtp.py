@@ -18,7 +18,8 @@ count above its own bar (the paper's description: a sample's result never depend
 or "batch-max", every sample the batch's largest count (the official code's Reduce_token).
 
 The seam for research: experiments/ subclasses MADTP and overrides `decide` (the scores and keep
-decision of a layer), `overhead` (its MACs) and `spec` (its name); nothing else here knows of them.
+decision of a layer), `overhead` (its MACs) and `spec` (its name), and experiments/static.py
+`prune_layer` (fixed widths); nothing else here knows of them.
 
 Shapes: B batch, N tokens of a sequence (0 is CLS), n = N - 1 prunable tokens, D width, H heads, M
 alignment tokens, W the longest sample after a layer. `v` (B, n) is False for padding.
@@ -41,7 +42,7 @@ COUNTS = ("sample", "batch-max")
 @dataclass
 class MADTPConfig:
     counts: str = "batch-max"    # batch-max: every sample the batch's largest count (the official
-                                 # code; measured best, docs/findings.md C1); sample: its own (paper)
+                                 # code; measured best, docs/findings.md C1, C4); sample: its own (paper)
     num_align_tokens: int = 32   # M, the alignment tokens; official 100 at D = 768
     tau: float = 0.1             # τ of θ's softmax, fixed (official: moved by a ladder); measured
                                  # best of 0.03 to 1 over both count rules, docs/findings.md C1
@@ -162,21 +163,22 @@ def dtp_layer(X, bias, v, A, T, inv_tau, beta, batch_maximum=False):
     return S, batch_max(S, keep, v) if batch_maximum else keep, P
 
 
-def prune_tokens(x, keep, S, ramp):
+def prune_tokens(x, keep, S, ramp, W=None):
     """[CLS, kept tokens in original order, x_fuse] per sample, padded to the longest sample W.
 
     x (B, N, D); keep, S (B, n), S exactly 0 at padding; ramp: at least n increasing numbers in
     [0, 1), which order the tokens. The package token x_fuse = Σ_{j pruned} (S_j / Σ_{pruned} S) x_j
     follows the kept tokens where the sample pruned something. Returns x (B, W, D), its Seq and idx
     (B, W-1): slot 1 + i holds prunable token idx[b, i] while i < the sample's keep count. Reads W
-    on the host: the layer's one host sync.
+    on the host: the layer's one host sync. (A W given, which must hold every sample, skips the
+    read: experiments/static.py's fixed widths.)
     """
     (B, N, D), kept = x.shape, keep.float()                                       # (B, n) 1.0 if kept
     count, pruned = kept.sum(dim=1, keepdim=True), S - S * kept                   # (B, 1), (B, n)
     total = pruned.sum(dim=1, keepdim=True)                                       # (B, 1)
     length = count + total.sign()                                                 # (B, 1) kept, x_fuse
-    lengths = [n for n, in length.tolist()]                                       # the one host read
-    W = 1 + int(max(lengths))
+    lengths = None if W else [n for n, in length.tolist()]                        # the one host read
+    W = W or 1 + int(max(lengths))
     # the kept tokens first, each group in its original order: the top of 1.0 (kept) less the ramp
     idx = (kept - ramp[: N - 1]).topk(W - 1, dim=1).indices                      # (B, W-1)
     x1 = x[:, 1:]                                                                 # (B, n, D)
@@ -186,7 +188,7 @@ def prune_tokens(x, keep, S, ramp):
     rank = torch.arange(-1, W - 1, dtype=count.dtype, device=x.device)          # (W,) slot - 1
     x = torch.where((rank == count).view(B, W, 1), x_fuse, x)                     # x_fuse after the kept
     valid = rank < length                                                         # (B, W)
-    return x, seq_of(valid, real=B + int(sum(lengths))), idx
+    return x, seq_of(valid, real=lengths and B + int(sum(lengths))), idx
 
 
 def compile_pruner(backend="inductor"):

@@ -83,37 +83,43 @@ WARMUP_RUNS, TIMING_ROUNDS = 3, 3   # timed passes discarded; rounds of which ea
 BENCH_PAIRS = 128                   # pairs timed at batch 1; at the large batch, 4 batches
 
 
-def bench_batches(cfg, run, split, tokenizer, batch_size, n):
-    """n test pairs (at least 4 batches), on the device, each batch cut to its longest caption."""
+def bench_batches(cfg, run, split, tokenizer, batch_size, n, cut=True):
+    """n test pairs (at least 4 batches), on the device, each batch cut to its longest caption
+    (cut=False: every batch as wide as the tokenizer's longest, one shape for all)."""
     c_of = [c % len(split.captions) for c in range(max(n, 4 * batch_size))]
     images = torch.stack([split.image(split.txt2img[c]) for c in c_of])
     ids, valid = tokenizer.encode([split.captions[c] for c in c_of])
     return [tuple(t.to(run.device) for t in (images[i:i + batch_size], ids[i:i + batch_size, :N],
                                               valid[i:i + batch_size, :N]))
-            for i in range(0, len(c_of), batch_size) for N in [int(valid[i:i + batch_size].sum(1).max())]]
+            for i in range(0, len(c_of), batch_size)
+            for N in [int(valid[i:i + batch_size].sum(1).max()) if cut else valid.shape[1]]]
 
 
 @torch.no_grad()
 def best_times(run, models, batches, rounds=TIMING_ROUNDS, warmup=WARMUP_RUNS):
     """{name: seconds} of a pass over batches (on the device) for each of models {name: (model,
-    madtp or None)}: the models take turns round after round and each keeps its best round (on a
-    shared machine, the least disturbed), warm-up discarded, the device synchronised."""
-    def forward(model, madtp, batch):
+    madtp or None), or a function of a batch}: the models take turns round after round and each
+    keeps its best round (on a shared machine, the least disturbed), warm-up discarded, the device
+    synchronised."""
+    def forward(entry, batch):
+        if callable(entry):
+            return entry(*batch)
+        model, madtp = entry
         with run.autocast():   # the dense model without hooks, as a user would run it
-            return model(*batch, madtp.hooks(Trace()) if madtp is not None else None)
+            return model.eval()(*batch, madtp.hooks(Trace()) if madtp is not None else None)
     def sync():
         if run.device.type == "cuda":
             torch.cuda.synchronize()
     best = {}
-    for model, madtp in models.values():
+    for entry in models.values():
         for b in batches[:warmup]:
-            forward(model.eval(), madtp, b)
+            forward(entry, b)
     for _ in range(rounds):
-        for name, (model, madtp) in models.items():
+        for name, entry in models.items():
             sync()
             start = time.perf_counter()
             for b in batches:
-                forward(model, madtp, b)
+                forward(entry, b)
             sync()
             best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
     return best

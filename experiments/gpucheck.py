@@ -1,6 +1,6 @@
 """One command checks a GPU: the environment, the tests that touch the device, the gpu preset's main
-job, its tokens.png, its models' speed, and the bench at the gpu sizes, each step time-boxed, all
-in one folder.
+job, its tokens.png, its models' speed, the bench at the gpu sizes and static widths under CUDA
+graphs, each step time-boxed, all in one folder.
 
     python -m experiments.gpucheck --out gpucheck                       # on a machine with a GPU
     python -m experiments.gpucheck --out /tmp/check --device cpu --size tiny   # the same steps, on a CPU
@@ -12,7 +12,8 @@ under 12 minutes in all), and writes <step>.log; a step that runs out of time is
 next one runs. summary.md (summary-<steps>.md for --steps) lists every step's exit code and wall
 time; the main job leaves main/metrics.json and main/train.log, the truth
 step main/tokens.png, the speed step (the main job's models, timed in turns on its test pairs)
-speed/bench-<device>.md, the bench (random weights) bench/bench-<device>.md and .json.
+speed/bench-<device>.md, the bench (random weights) bench/bench-<device>.md and .json, static
+widths with CUDA graphs (experiments/static.py) static/static-<device>.md.
 """
 
 import argparse
@@ -29,11 +30,11 @@ import train   # noqa: F401  (imported here so that every step's process starts 
 
 ROOT = Path(__file__).parent.parent
 
-# seconds of device time per step, 705 in all: a lease is 15 minutes with the machine's start and
-# one call at most 10, so the check runs as two calls (--steps env,tests,bench: 165 s, then
-# --steps main,truth,speed: 540 s); the gpu preset's main job took 389 s on an H200 (docs/speed.md),
-# the bench two sizes at batch 1 and 256 took 70 s
-TIME_BOX = dict(env=15, tests=60, bench=90, main=480, truth=20, speed=40)
+# seconds of device time per step, 720 in all: a lease is 15 minutes with the machine's start and
+# one call at most 10, so the check runs as two calls (--steps env,tests,bench,static: 180 s, then
+# --steps main,truth,speed: 540 s); on an H200 (docs/speed.md) the gpu preset's main job took 389
+# s, the bench two sizes at batch 1 and 256 70 s, the device tests 5.5 s
+TIME_BOX = dict(env=15, tests=25, bench=90, static=50, main=480, truth=20, speed=40)
 # --size tiny: a smoke run of every step, so that the script works before any GPU sees it
 QUICK = ["--dense-steps", "20", "--prune-steps", "8", "--num-train", "100", "--num-val", "20", "--num-test", "20"]
 ENV_REPORT = ("import torch, torchvision, platform; c = torch.cuda.is_available(); "
@@ -58,7 +59,9 @@ def steps(out, device, size, tests):
             ("speed", [py, "-m", "experiments.bench", "--checkpoints", str(main), *large, "--device", device,
                        "--out", str(out / "speed")], {}),
             ("bench", [py, "-m", "experiments.bench", *sizes, *large, "--device", device, "--out",
-                       str(out / "bench")], {})]
+                       str(out / "bench")], {}),
+            ("static", [py, "-m", "experiments.static", "--size", size, *large, "--device", device, "--out",
+                        str(out / "static")], {})]
 
 
 def run_step(name, command, env, box, out):

@@ -14,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from experiments import compare, decompose, evaluate, gpucheck, truth
+from experiments import static as static_module
 from experiments.common import HostSyncs, best_times, positions
 from experiments.methods import ARMS, Options, Variant, search_cuts, share_threshold
 from madtp import ENCODERS, MADTPConfig
@@ -209,7 +210,7 @@ def test_the_gpu_check_runs_on_the_cpu_within_twelve_minutes_on_paper(tmp_path):
     results = load_json(tmp_path / "summary.json")
     assert all(r["rc"] == 0 for r in results.values()), results
     for f in ("env.log", "summary.md", "main/metrics.json", "main/tokens.png", "speed/bench-cpu.md",
-              "bench/bench-cpu.md"):
+              "bench/bench-cpu.md", "static/static-cpu.md"):
         assert (tmp_path / f).exists(), f
     rows = load_json(tmp_path / "bench" / "bench-cpu.json")["rows"]   # the bench: every model, both batches
     assert {(r["model"], r["batch"]) for r in rows} == {(m, b) for m in ("dense", "sample 50%", "sample 80%",
@@ -217,3 +218,39 @@ def test_the_gpu_check_runs_on_the_cpu_within_twelve_minutes_on_paper(tmp_path):
                                                         for b in (1, 8)}
     assert all(r["pairs_per_s"] > 0 and (r["model"] == "dense") == (r["calls_per_pruned_layer"] is None)
                for r in rows)
+
+
+@pytest.mark.parametrize("pruner", ["madtp", "variant"])
+def test_static_widths_give_the_dynamic_result_without_reading_the_host(pruner):
+    """Widths measured on the batches themselves hold every sample: the same outputs as the dynamic
+    layer (MADTP's or a compare arm's), each layer exactly its width wide, and not one host read
+    (what a CUDA graph needs)."""
+    model, madtp = tiny_model("batch-max", beta=1.0) if pruner == "madtp" else tiny_variant("madtp-batch-max")
+    batches = [(images(4, seed=s), *captions([3, 9, 15, 6], pad_to=TINY.max_text_len - 1, seed=s)) for s in (0, 1)]
+    fake_run = type("Run", (), dict(autocast=contextlib.nullcontext))()
+    static = static_module.static_of(madtp, static_module.widths_of(fake_run, model, madtp, batches))
+    assert static.widths["vision"][-1] < 1 + TINY.num_patches                    # it pruned
+    for b in batches:
+        (dynamic, _, _), (fixed, trace, _) = run(model, madtp, *b), run(model, static, *b)
+        assert static_module.largest_difference(dynamic, fixed) < 1e-5
+        assert [r["valid_out"].shape[1] for r in trace.layers["vision"]] == static.widths["vision"]
+        with HostSyncs() as syncs:
+            run(model, static, *b)
+        assert syncs.total == 0, syncs.calls
+    assert int(static.overflows) == 0
+
+
+def test_a_static_width_too_narrow_keeps_the_best_scores_and_fuses_the_rest():
+    keep = torch.tensor([[1, 1, 1, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    S = torch.tensor([[0.3, 0.1, 0.4, 0.05, 0.15], [0.9, 0.1, 0.0, 0.0, 0.0]])
+    cut, n = static_module.capped(keep, S, 2)
+    assert cut.int().tolist() == [[1, 0, 1, 0, 0], [1, 0, 0, 0, 0]] and int(n) == 1
+    model, madtp = tiny_model("batch-max", beta=0.5)
+    widths = dict(vision=[6, 5], text=[4, 4], fusion=[4, 3])    # narrower than β's counts
+    static = static_module.static_of(madtp, widths)
+    out, trace, _ = run(model, static, images(3), *captions([5, 12, 8]))
+    assert all(torch.isfinite(v).all() for v in out.values()) and int(static.overflows) > 0
+    for e, ws in widths.items():
+        assert [r["valid_out"].shape[1] for r in trace.layers[e]] == ws
+        for r, w in zip(trace.layers[e], ws):   # x_fuse needs a slot unless the input fits whole
+            assert int(r["keep"].sum(dim=1).max()) <= (w - 2 if w < r["valid_in"].shape[1] else w - 1)
