@@ -21,12 +21,15 @@ from the dynamic one's, the overflows, the keep decisions that bf16 weights chan
 of one forward (none is the point), the FLOPs each model executes (padding included) and pairs/s
 of dense and MADTP in turns, eager and, on a GPU, replayed as CUDA graphs (torch.cuda.graph: one
 capture, then each batch copied in and replayed). With a checkpoint, also the test r_mean of each
-pruned model. Writes static-<device>.md and .json in --out.
+pruned model. With --compile-forward, also the dense and the fixed-width model (bf16 weights) as
+one torch.compile'd forward each (on a GPU in mode "reduce-overhead", which adds CUDA graphs), and
+their compile times. Writes static-<device>.md and .json in --out.
 """
 
 import contextlib
 import copy
 import itertools
+import time
 from dataclasses import replace
 
 import torch
@@ -130,11 +133,19 @@ def eager(run, model, madtp, low=False):
     return forward
 
 
+class Untraced(Trace):
+    """A Trace that keeps nothing, for a forward formed once and called many times: compiled code
+    would guard on the lengths of a Trace's growing lists and recompile at every call."""
+
+    def record(self, *args, **kwargs):
+        pass
+
+
 def graphed(model, madtp, batch, low=False):
     """A forward captured once as a CUDA graph on batch's shapes, then replayed on each batch's
     values (copied into the captured inputs). The hooks' constants are formed before the capture:
     a graph cannot copy from the host."""
-    hooks, inputs = madtp.hooks(Trace()) if madtp is not None else None, [t.clone() for t in batch]
+    hooks, inputs = madtp.hooks(Untraced()) if madtp is not None else None, [t.clone() for t in batch]
 
     def forward():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False), weights_dtype(low):
@@ -195,7 +206,25 @@ def flips(run, model, madtp, batches):
     return differ / total
 
 
-def measure(cfg, run, model, madtp, calibration, test, tokenizer, bs, rounds, evaluate=False, bf16=False):
+def compiled(run, model, madtp, batch, low=False):
+    """The forward under torch.compile, the hooks formed once, compiled and warmed on batch's
+    shapes; -> (forward, seconds it took to compile). With fixed widths a whole forward is one graph
+    (no break), so inductor can fuse a pruned layer's small operators; on a GPU, mode
+    "reduce-overhead" also replays it as a CUDA graph."""
+    hooks = madtp.hooks(Untraced()) if madtp is not None else None
+    f = torch.compile(lambda *b: model(*b, hooks), mode="reduce-overhead" if run.device.type == "cuda" else None)
+
+    def forward(*batch):
+        with torch.no_grad(), run.autocast(), weights_dtype(low):
+            return f(*batch)
+    start = time.perf_counter()
+    for _ in range(CAPTURE_WARMUP):
+        forward(*batch)
+    return forward, time.perf_counter() - start
+
+
+def measure(cfg, run, model, madtp, calibration, test, tokenizer, bs, rounds, evaluate=False, bf16=False,
+            compile=False):
     """The report's numbers: {widths, overflows, difference, flips, host syncs, rows [(model, GFLOPs
     per pair, pairs/s)], and with evaluate, the test r_mean of the pruned models}."""
     calib = bench_batches(cfg, run, calibration, tokenizer, bs, 0, cut=False)
@@ -216,9 +245,13 @@ def measure(cfg, run, model, madtp, calibration, test, tokenizer, bs, rounds, ev
     if run.device.type == "cuda":
         models.update({f"{name}, graph": graphed(model, entries[name], timed[0], low=name.endswith("bf16"))
                        for name in ("dense", "static", "static, weights bf16")})
+    out["compile_seconds"] = {}
+    for name in ("dense", "static, weights bf16") if compile else ():
+        models[f"{name}, compiled"], out["compile_seconds"][name] = compiled(
+            run, model, entries[name], timed[0], low=name.endswith("bf16"))
     seconds, pairs = best_times(run, models, timed, rounds, warmup=1), sum(len(b[0]) for b in timed)
-    out["rows"] = [dict(model=name, gflops=flops[name.replace(", graph", "")] / 2e9, pairs_per_s=pairs / s)
-                   for name, s in seconds.items()]   # flop_counter counts 2 per multiply-accumulate
+    out["rows"] = [dict(model=name, gflops=flops[name.split(", graph")[0].split(", compiled")[0]] / 2e9,
+                        pairs_per_s=pairs / s) for name, s in seconds.items()]   # flop_counter: 2 a MAC
     if evaluate:
         static.overflows.zero_()
         test_cfg = replace(cfg, eval_batch_size=bs)
@@ -243,6 +276,9 @@ def table(r):
               f"Over the {r['batches']} timed batches: samples cut by a width {r['overflows']}, the largest "
               f"difference from the dynamic model's outputs {r['difference']:.2e}; host syncs of one forward: "
               f"static {r['host_syncs'] or 'none'}, dynamic {r['host_syncs_dynamic']}."]
+    if r["compile_seconds"]:
+        lines.append("Compiling (with 3 warm-up passes): " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in r["compile_seconds"].items()) + ".")
     lines.append(f"Keep decisions that change with the weights in bf16: {r['flips']:.2%}" +
                  ("." if r["bf16"] else " (no autocast here: the same model twice)."))
     if "r_mean" in r:
@@ -257,6 +293,8 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.5, help="without a checkpoint: the GFLOPs reduction of β")
     p.add_argument("--batch-size", type=int, help="the timed batch (default 64 on a CPU, 256 on a GPU)")
     p.add_argument("--rounds", type=int, default=ROUNDS, help="timed rounds; each model keeps its best")
+    p.add_argument("--compile-forward", action="store_true", help="also the dense and the fixed-width model (bf16 "
+                   "weights) under torch.compile, reduce-overhead on a GPU")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on a CPU too, as on a GPU (where the "
                    "weights' dtype matters)")
     p.set_defaults(out="runs/static")
@@ -279,7 +317,7 @@ def main(argv=None):
             test = calibration
         bs = args.batch_size or (256 if run.device.type == "cuda" else 64)
         r = measure(cfg, run, model, madtp, calibration, test, tokenizer, bs, args.rounds, bool(args.checkpoint),
-                    bf16=args.bf16 or run.device.type == "cuda")
+                    bf16=args.bf16 or run.device.type == "cuda", compile=args.compile_forward)
         md = table(r)
         run.log(md)
         name = f"static-{run.device.type}"

@@ -254,3 +254,15 @@ def test_a_static_width_too_narrow_keeps_the_best_scores_and_fuses_the_rest():
         assert [r["valid_out"].shape[1] for r in trace.layers[e]] == ws
         for r, w in zip(trace.layers[e], ws):   # x_fuse needs a slot unless the input fits whole
             assert int(r["keep"].sum(dim=1).max()) <= (w - 2 if w < r["valid_in"].shape[1] else w - 1)
+
+
+def test_a_fixed_width_forward_is_one_graph_for_torch_compile():
+    """What --compile and a CUDA graph need: no break in the whole forward (the dynamic layer's host
+    read breaks it in every pruned layer, 19 times here)."""
+    model, madtp = tiny_model("batch-max", beta=1.0)
+    static = static_module.static_of(madtp, dict(vision=[12, 8], text=[10, 8], fusion=[8, 6]))
+    hooks = static.hooks(static_module.Untraced())
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(lambda *b: model(*b, hooks))(images(3), *captions([5, 12, 8]))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
