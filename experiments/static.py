@@ -56,7 +56,10 @@ def capped(keep, S, C):
 
 class Static:
     """Mixed into MADTP or a variant of experiments/ (static_of): its pruned layers output fixed
-    widths, self.widths {encoder: [W_l]}, CLS and x_fuse included; self.overflows counts the cuts."""
+    widths, self.widths {encoder: [W_l]}, CLS and x_fuse included; self.overflows counts the cuts
+    (while counting: compiled code whose graph writes a buffer may lose its CUDA graph)."""
+
+    counting = True
 
     @property
     def spec(self):
@@ -68,7 +71,8 @@ class Static:
         W = self.widths[encoder][layer]
         if W < x.shape[1]:   # else every sample fits: a dynamic W is at most the input's N
             keep, cut = capped(keep, S, W - 2)
-            self.overflows += cut
+            if self.counting:
+                self.overflows += cut
         x, out, idx = prune_tokens(x, keep, S, ramp, min(W, x.shape[1]))
         trace.record(encoder, seq.valid, out.valid, keep, idx)
         return x, out
@@ -211,6 +215,9 @@ def compiled(run, model, madtp, batch, low=False):
     shapes; -> (forward, seconds it took to compile). With fixed widths a whole forward is one graph
     (no break), so inductor can fuse a pruned layer's small operators; on a GPU, mode
     "reduce-overhead" also replays it as a CUDA graph."""
+    if isinstance(madtp, Static):
+        madtp = copy.deepcopy(madtp)
+        madtp.counting = False
     hooks = madtp.hooks(Untraced()) if madtp is not None else None
     f = torch.compile(lambda *b: model(*b, hooks), mode="reduce-overhead" if run.device.type == "cuda" else None)
 
