@@ -306,6 +306,8 @@ def main(argv=None):
                    "weights' dtype matters)")
     p.set_defaults(out="runs/static")
     args = p.parse_args(argv)
+    if (args.batch_size is not None and args.batch_size < 1) or args.rounds < 1:
+        train.fail(f"--batch-size and --rounds must be at least 1, got {args.batch_size} and {args.rounds}")
     if args.checkpoint:
         r = restore(args.checkpoint, args)
         if r.madtp is None:

@@ -266,3 +266,11 @@ def test_a_fixed_width_forward_is_one_graph_for_torch_compile():
     with torch.no_grad():
         explained = torch._dynamo.explain(lambda *b: model(*b, hooks))(images(3), *captions([5, 12, 8]))
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_static_refuses_a_dense_checkpoint_and_a_batch_of_none(tiny_run, capsys):
+    for argv, words in (([str(tiny_run / "dense.pt"), "--device", "cpu"], "is a dense model"),
+                        (["--batch-size", "0", "--device", "cpu"], "must be at least 1")):
+        with pytest.raises(SystemExit):
+            static_module.main(argv + ["--out", str(tiny_run / "static")])
+        assert words in capsys.readouterr().err
