@@ -54,20 +54,27 @@ TRACED = {madtp_module: "mag_logits concept_attention normalise cls_score self_s
           MADTP: "prune_layer decide", vlt_module.Attention: "forward"}
 
 
-def models_of(size, cfg, run, split, tokenizer):
+def scenes(size):
+    """The bench's scenes for a size, as a validation split, and their tokenizer."""
+    vcfg = VLTConfig(**SIZES[size])
+    split = data.synthetic_splits(2, IMAGES, 2, 2, vcfg.image_size, vcfg.patch_size, seed=0)["val"]
+    return split, data.Tokenizer.build(split.captions, vcfg.max_text_len)
+
+
+def models_of(size, cfg, run, split, tokenizer, counts=COUNTS, ratios=RATIOS):
     """({name: (model, madtp or None)}, {name: GFLOPs reduction}) for one size, β calibrated per
-    target; M as in the preset the size comes from."""
+    count rule and target; M as in the preset the size comes from."""
     vcfg = VLTConfig(**dict(SIZES[size], vocab_size=len(tokenizer)))
     M = train.PRESETS["gpu"]["num_align_tokens"] if size.startswith("gpu") else MADTPConfig.num_align_tokens
     torch.manual_seed(0)
     model = VLT(vcfg).to(run.device).eval()
     models, reductions = {"dense": (model, None)}, {"dense": 0.0}
-    for counts in COUNTS:
-        for p in RATIOS:
-            madtp = MADTP(MADTPConfig(counts=counts, num_align_tokens=M), vcfg).to(run.device)
+    for rule in counts:
+        for p in ratios:
+            madtp = MADTP(MADTPConfig(counts=rule, num_align_tokens=M), vcfg).to(run.device)
             madtp.beta.fill_(train.BETA_INIT)
             reduction = train.calibrate(replace(cfg, prune_ratio=p), run, model, madtp, split, tokenizer)
-            models[f"{counts} {p:.0%}"], reductions[f"{counts} {p:.0%}"] = (model, madtp.eval()), reduction
+            models[f"{rule} {p:.0%}"], reductions[f"{rule} {p:.0%}"] = (model, madtp.eval()), reduction
     return models, reductions
 
 
@@ -173,9 +180,7 @@ def rows_of(cfg, run, size, vcfg, models, reductions, split, tokenizer, large, s
 def bench(cfg, run, sizes, large, show_calls=False, rounds=ROUNDS):
     rows = []
     for size in sizes:
-        vcfg = VLTConfig(**SIZES[size])
-        split = data.synthetic_splits(2, IMAGES, 2, 2, vcfg.image_size, vcfg.patch_size, seed=0)["val"]
-        tokenizer = data.Tokenizer.build(split.captions, vcfg.max_text_len)
+        split, tokenizer = scenes(size)
         run.log(f"{size}: calibrating {len(COUNTS) * len(RATIOS)} models")
         models, reductions = models_of(size, cfg, run, split, tokenizer)
         vcfg = models["dense"][0].cfg

@@ -106,12 +106,14 @@ def best_times(run, models, batches, rounds=TIMING_ROUNDS, warmup=WARMUP_RUNS):
             return entry(*batch)
         model, madtp = entry
         with run.autocast():   # the dense model without hooks, as a user would run it
-            return model.eval()(*batch, madtp.hooks(Trace()) if madtp is not None else None)
+            return model(*batch, madtp.hooks(Trace()) if madtp is not None else None)
     def sync():
         if run.device.type == "cuda":
             torch.cuda.synchronize()
     best = {}
     for entry in models.values():
+        if not callable(entry):
+            entry[0].eval()
         for b in batches[:warmup]:
             forward(entry, b)
     for _ in range(rounds):

@@ -34,12 +34,11 @@ from dataclasses import replace
 
 import torch
 
-import data
 import train
-from experiments.bench import IMAGES, SIZES, model_flops
+from experiments.bench import SIZES, model_flops, models_of, scenes
 from experiments.common import HostSyncs, bench_batches, best_times, evaluation_parser, restore
-from madtp import ENCODERS, MADTP, MADTPConfig, Trace, prune_tokens
-from vlt import VLT, Attention, VLTConfig, Weights
+from madtp import ENCODERS, Trace, prune_tokens
+from vlt import Attention, Weights
 
 MARGIN = 0          # slots added to each layer's widest calibration width
 ROUNDS = 5          # timed rounds, each model keeping its best
@@ -177,22 +176,6 @@ def largest_difference(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in ("e_img", "e_txt", "itm"))
 
 
-def random_model(cfg, run, size, ratio):
-    """A VLT of a bench size with random weights and a batch-maximum MADTP calibrated to ratio on
-    the bench's scenes: (model, madtp, the scenes, tokenizer)."""
-    vcfg = VLTConfig(**SIZES[size])
-    split = data.synthetic_splits(2, IMAGES, 2, 2, vcfg.image_size, vcfg.patch_size, seed=0)["val"]
-    tokenizer = data.Tokenizer.build(split.captions, vcfg.max_text_len)
-    vcfg = replace(vcfg, vocab_size=len(tokenizer))
-    M = train.PRESETS["gpu"]["num_align_tokens"] if size.startswith("gpu") else MADTPConfig.num_align_tokens
-    torch.manual_seed(0)
-    model = VLT(vcfg).to(run.device).eval()
-    madtp = MADTP(MADTPConfig(counts="batch-max", num_align_tokens=M), vcfg).to(run.device)
-    madtp.beta.fill_(train.BETA_INIT)
-    train.calibrate(replace(cfg, prune_ratio=ratio), run, model, madtp, split, tokenizer)
-    return model, madtp.eval(), split, tokenizer
-
-
 @torch.no_grad()
 def flips(run, model, madtp, batches):
     """The share of keep decisions (valid prunable tokens, every pruned layer) that change when the
@@ -248,7 +231,7 @@ def measure(cfg, run, model, madtp, calibration, test, tokenizer, bs, rounds, ev
         out[name] = syncs.calls
     entries = {"dense": None, "madtp": madtp, "static": static, "static, weights bf16": static}
     models = {name: eager(run, model, m, low=name.endswith("bf16")) for name, m in entries.items()}
-    flops = model_flops(run, {name: (model, m) for name, m in entries.items()}, timed)
+    flops = model_flops(run, {name: (model, m) for name, m in entries.items() if not name.endswith("bf16")}, timed)
     if run.device.type == "cuda":
         models.update({f"{name}, graph": graphed(model, entries[name], timed[0], low=name.endswith("bf16"))
                        for name in ("dense", "static", "static, weights bf16")})
@@ -257,8 +240,9 @@ def measure(cfg, run, model, madtp, calibration, test, tokenizer, bs, rounds, ev
         models[f"{name}, compiled"], out["compile_seconds"][name] = compiled(
             run, model, entries[name], timed[0], low=name.endswith("bf16"))
     seconds, pairs = best_times(run, models, timed, rounds, warmup=1), sum(len(b[0]) for b in timed)
-    out["rows"] = [dict(model=name, gflops=flops[name.split(", graph")[0].split(", compiled")[0]] / 2e9,
-                        pairs_per_s=pairs / s) for name, s in seconds.items()]   # flop_counter: 2 a MAC
+    base = lambda name: name.split(", ")[0]   # noqa: E731  (variants execute their model's FLOPs)
+    out["rows"] = [dict(model=name, gflops=flops[base(name)] / 2e9, pairs_per_s=pairs / s)
+                   for name, s in seconds.items()]   # flop_counter counts 2 per multiply-accumulate
     if evaluate:
         static.overflows.zero_()
         test_cfg = replace(cfg, eval_batch_size=bs)
@@ -322,8 +306,10 @@ def main(argv=None):
     with run:
         if not args.checkpoint:
             run.log(f"{args.size}: calibrating β to {args.ratio:.0%}")
-            model, madtp, calibration, tokenizer = random_model(cfg, run, args.size, args.ratio)
+            calibration, tokenizer = scenes(args.size)
             test = calibration
+            models = models_of(args.size, cfg, run, calibration, tokenizer, ("batch-max",), (args.ratio,))[0]
+            model, madtp = models[f"batch-max {args.ratio:.0%}"]
         bs = args.batch_size or (256 if run.device.type == "cuda" else 64)
         r = measure(cfg, run, model, madtp, calibration, test, tokenizer, bs, args.rounds, bool(args.checkpoint),
                     bf16=args.bf16 or run.device.type == "cuda", compile=args.compile_forward)
